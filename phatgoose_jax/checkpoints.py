@@ -1,0 +1,127 @@
+"""Our own parameter checkpoints: orbax arrays plus a JSON description, written atomically.
+
+Layout of a checkpoint directory:
+  config.json   {"format": "phatgoose_jax.params.v1", "model_config": {...T5Config...}, ...metadata}
+  params/       orbax (OCDBT) PyTree of float32 parameters
+
+A checkpoint is written under a temporary name and renamed into place, so a directory with that name
+is either complete or absent. An existing checkpoint is never replaced unless asked to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from phatgoose_jax.config import T5Config
+
+FORMAT = "phatgoose_jax.params.v1"
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+PyTree = Any
+
+
+def _orbax():
+  import orbax.checkpoint as ocp  # local: orbax is slow to import and only needed here
+  return ocp
+
+
+def temporary_sibling(path: Path) -> Path:
+  """A fresh hidden path beside `path`, on the same filesystem so that a rename is atomic."""
+  return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def publish_directory(tmp: Path, final: Path, overwrite: bool) -> None:
+  """Renames a finished temporary directory into place; an old one is replaced only with overwrite."""
+  if final.exists():
+    if not overwrite:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise FileExistsError(f"{final} already exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+    old = temporary_sibling(final)
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, final)
+
+
+def save_checkpoint(directory: str | Path, params: PyTree, config: T5Config, metadata: Mapping[str, Any] | None = None,
+                    overwrite: bool = False) -> Path:
+  """Writes params (any sharding; gathered by orbax) and config to `directory`, atomically."""
+  ocp = _orbax()
+  directory = Path(directory).absolute()
+  if directory.exists() and not overwrite:
+    raise FileExistsError(f"{directory} already exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  tmp = temporary_sibling(directory)
+  try:
+    tmp.mkdir()
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+    description = {"format": FORMAT, "model_config": config.to_dict(), **dict(metadata or {})}
+    (tmp / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+    publish_directory(tmp, directory, overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
+
+
+def read_description(directory: str | Path) -> dict:
+  directory = Path(directory)
+  config_file = directory / CONFIG_FILE
+  if not config_file.is_file():
+    raise FileNotFoundError(f"{directory} is not a phatgoose_jax checkpoint: {CONFIG_FILE} is missing")
+  try:
+    description = json.loads(config_file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_file} is corrupt (not valid JSON): {e}") from e
+  if description.get("format") != FORMAT:
+    raise ValueError(f"{config_file}: format {description.get('format')!r} is not {FORMAT!r}")
+  return description
+
+
+def load_config(directory: str | Path) -> T5Config:
+  return T5Config.from_dict(read_description(directory)["model_config"])
+
+
+def load_checkpoint(directory: str | Path, shardings: PyTree | None = None,
+                    config_overrides: Mapping[str, Any] | None = None) -> tuple[T5Config, PyTree]:
+  """Restores (config, params). shardings: a tree of `jax.sharding.Sharding` matching params (e.g. from
+  a mesh) to restore each array directly onto its devices; default: the first local device."""
+  from phatgoose_jax.importers.common import expected_param_shapes
+
+  ocp = _orbax()
+  directory = Path(directory).absolute()
+  config = load_config(directory)
+  if config_overrides:
+    config = config.replace(**config_overrides)
+  expected = expected_param_shapes(config)
+  import flax
+  flat_shapes = {tuple(k.split("/")): v for k, v in expected.items()}
+  if shardings is None:
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    flat_shardings = {k: default for k in flat_shapes}
+  else:
+    flat_shardings = flax.traverse_util.flatten_dict(flax.core.unfreeze(shardings))
+    if set(flat_shardings) != set(flat_shapes):
+      raise ValueError(f"shardings do not match the parameter tree of {directory}")
+  abstract = flax.traverse_util.unflatten_dict({
+      k: jax.ShapeDtypeStruct(shape, np.float32, sharding=flat_shardings[k]) for k, shape in flat_shapes.items()})
+  try:
+    params = ocp.StandardCheckpointer().restore(directory / PARAMS_DIR, abstract)
+  except FileNotFoundError:
+    raise
+  except Exception as e:
+    raise ValueError(f"cannot restore the parameters in {directory / PARAMS_DIR} (corrupt or truncated, or not "
+                     f"saved from this model config): {type(e).__name__}: {e}") from e
+  return config, params

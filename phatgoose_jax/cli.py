@@ -1,0 +1,144 @@
+"""`phatgoose` command line. Every subcommand takes `--gin_file=F` and `--gin.NAME=VALUE` flags."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from phatgoose_jax import gin_utils
+
+_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable, str]] = {}
+
+
+def command(name: str, help_text: str):
+  def register(fn):
+    _COMMANDS[name] = (getattr(fn, "add_arguments", lambda p: None), fn, help_text)
+    return fn
+  return register
+
+
+def _arguments(add):
+  def attach(fn):
+    fn.add_arguments = add
+    return fn
+  return attach
+
+
+def _add_gin_help(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                      help="gin file (repeatable; later files win). A size name (tiny, small, base, large, xl, xxl) "
+                           "stands for gin/models/t5_1_1_<size>.gin")
+  parser.epilog = ((parser.epilog or "") + "\nAny --gin.NAME=VALUE flag binds a gin parameter or macro, "
+                   "e.g. --gin.T5Config.dtype=\\'float32\\'.")
+
+
+# --------------------------------------------------------------------------------------------------
+@command("import-hf", "convert a Hugging Face T5 checkpoint (config.json + safetensors/.bin) to ours")
+@_arguments(lambda p: (p.add_argument("source", help="HF checkpoint directory"),
+                       p.add_argument("output", help="checkpoint directory to create"),
+                       p.add_argument("--dtype", default="bfloat16", help="activation dtype to record (default bfloat16)"),
+                       p.add_argument("--overwrite", action="store_true", help="replace an existing output")))
+def import_hf(args, gin_files, bindings) -> int:
+  from phatgoose_jax import checkpoints
+  from phatgoose_jax.importers.hf import import_hf_checkpoint
+
+  _refuse_existing(args.output, args.overwrite)
+  _forbid_gin(gin_files, bindings, "import-hf reads the model config from config.json")
+  start = time.time()
+  config, params = import_hf_checkpoint(args.source, dtype=args.dtype)
+  path = checkpoints.save_checkpoint(args.output, params, config, {"imported_from": str(Path(args.source).absolute()),
+                                                                    "source_format": "hf"},
+                                     overwrite=args.overwrite)
+  print(f"imported {args.source} -> {path} ({_count(params)/1e6:.1f}M parameters, {time.time() - start:.1f}s)")
+  print(f"config: {config}")
+  return 0
+
+
+@command("import-t5x", "convert a T5X checkpoint (legacy msgpack+zarr or Orbax) to ours")
+@_arguments(lambda p: (p.add_argument("source", help="checkpoint_<step> directory, or a model dir (latest step)"),
+                       p.add_argument("output", help="checkpoint directory to create"),
+                       p.add_argument("--step", type=int, default=None, help="step to take from a model dir"),
+                       p.add_argument("--dtype", default="bfloat16", help="activation dtype (default bfloat16)"),
+                       p.add_argument("--overwrite", action="store_true", help="replace an existing output"),
+                       _add_gin_help(p)))
+def import_t5x(args, gin_files, bindings) -> int:
+  from phatgoose_jax import checkpoints, config as config_lib
+  from phatgoose_jax.importers.t5x import import_t5x_checkpoint
+
+  _refuse_existing(args.output, args.overwrite)
+  config = None
+  if gin_files or bindings:  # otherwise the config is read off the checkpoint's shapes
+    config = config_lib.config_from_gin(gin_files, bindings)
+  start = time.time()
+  config, params = import_t5x_checkpoint(args.source, config=config, step=args.step, dtype=args.dtype)
+  path = checkpoints.save_checkpoint(args.output, params, config,
+                                     {"imported_from": str(Path(args.source).absolute()), "source_format": "t5x"},
+                                     overwrite=args.overwrite)
+  print(f"imported {args.source} -> {path} ({_count(params)/1e6:.1f}M parameters, {time.time() - start:.1f}s)")
+  print(f"config: {config}")
+  return 0
+
+
+@command("demo", "score and generate with a model (default: a randomly initialized tiny T5 and the real T5 vocabulary)")
+@_arguments(lambda p: (p.add_argument("--checkpoint", default=None, help="our checkpoint directory (default: random init)"),
+                       p.add_argument("--vocabulary", default="t5", choices=["t5", "byte"]),
+                       p.add_argument("--seed", type=int, default=0),
+                       _add_gin_help(p)))
+def demo(args, gin_files, bindings) -> int:
+  from phatgoose_jax import demo as demo_lib
+  return demo_lib.run_demo(checkpoint=args.checkpoint, vocabulary=args.vocabulary, gin_files=gin_files,
+                           bindings=bindings, seed=args.seed)
+
+
+# --------------------------------------------------------------------------------------------------
+def _count(params) -> int:
+  import jax
+  return sum(x.size for x in jax.tree_util.tree_leaves(params))
+
+
+def _refuse_existing(output: str, overwrite: bool) -> None:
+  if Path(output).exists() and not overwrite:
+    raise FileExistsError(f"{output} already exists; refusing to overwrite it (pass --overwrite)")
+
+
+def _forbid_gin(gin_files, bindings, why: str) -> None:
+  if gin_files or bindings:
+    raise gin_utils.GinConfigError(f"gin flags are not used here: {why}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="phatgoose", description="PHATGOOSE in JAX/Flax: T5X-compatible T5 with "
+                                   "recycled LoRA experts and per-token routing.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (add_arguments, _, help_text) in _COMMANDS.items():
+    p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    gin_files, bindings, rest = gin_utils.split_gin_flags(argv)
+  except gin_utils.GinConfigError as e:
+    print(f"phatgoose: error: {e}", file=sys.stderr)
+    return 2
+  parser = build_parser()
+  args = parser.parse_args(rest)
+  if args.command is None:
+    parser.print_help()
+    return 2
+  gin_files = list(getattr(args, "gin_file", [])) + gin_files
+  _, fn, _ = _COMMANDS[args.command]
+  try:
+    return fn(args, gin_files, bindings)
+  except (FileExistsError, FileNotFoundError, ValueError) as e:  # user errors: a message, not a traceback
+    print(f"phatgoose {args.command}: error: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
