@@ -93,7 +93,94 @@ def demo(args, gin_files, bindings) -> int:
                            bindings=bindings, seed=args.seed)
 
 
+def _train(stage: str, gin_files, bindings) -> int:
+  import gin
+  from phatgoose_jax import training
+  if not gin_files:
+    raise gin_utils.GinConfigError(f"give the run configuration: --gin_file=runs/train_{stage}.gin")
+  gin_utils.parse_gin(gin_files, bindings)
+  try:
+    summary = training.train(stage)
+  finally:
+    gin.clear_config()
+  print(f"{stage} training done: {summary['output']} (best step {summary['best_step']}, "
+        f"validation loss {summary['validation_loss']})")
+  return 0
+
+
+_TRAIN_EPILOG = ("Configured by gin: --gin_file=runs/train_{0}.gin plus --gin.MACRO=VALUE flags for MODEL_DIR, "
+                 "MIXTURE_OR_TASK_NAME, INITIAL_CHECKPOINT_PATH, TRAIN_STEPS, BATCH_SIZE, ...; see the gin file.")
+
+
+@command("train-expert", "train a LoRA expert on a seqio task with the base model frozen (PHATGOOSE stage 1)")
+@_arguments(lambda p: (_add_gin_help(p), setattr(p, "epilog", _TRAIN_EPILOG.format("expert") + (p.epilog or ""))))
+def train_expert(args, gin_files, bindings) -> int:
+  return _train("expert", gin_files, bindings)
+
+
+@command("train-gate", "train the sigmoid gates of an expert with base and expert frozen (PHATGOOSE stage 2)")
+@_arguments(lambda p: (_add_gin_help(p), setattr(p, "epilog", _TRAIN_EPILOG.format("gate") + (p.epilog or ""))))
+def train_gate(args, gin_files, bindings) -> int:
+  return _train("gate", gin_files, bindings)
+
+
+def _library_arguments(p):
+  sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+  add = sub.add_parser("add", help="add a trained expert (a directory written by train-gate)")
+  add.add_argument("library", help="library directory (created if missing)")
+  add.add_argument("expert", help="expert directory, e.g. MODEL_DIR/expert of a gate-training run")
+  add.add_argument("--name", default=None, help="name in the library (default: the expert's own name)")
+  add.add_argument("--overwrite", action="store_true", help="replace an expert of the same name")
+  lst = sub.add_parser("list", help="list the experts")
+  lst.add_argument("library")
+  rm = sub.add_parser("remove", help="remove an expert")
+  rm.add_argument("library")
+  rm.add_argument("name")
+  val = sub.add_parser("validate", help="load every expert and check that they can be stacked together")
+  val.add_argument("library")
+
+
+@command("library", "manage an expert library: add, list, remove, validate")
+@_arguments(_library_arguments)
+def library_command(args, gin_files, bindings) -> int:
+  from phatgoose_jax import library
+  _forbid_gin(gin_files, bindings, "library commands take no configuration")
+  if args.action == "add":
+    expert = library.load_expert(args.expert)
+    if args.name:
+      expert.name = args.name
+    lib = library.ExpertLibrary(args.library, create=True)
+    path = lib.add(expert, overwrite=args.overwrite)
+    print(f"added {expert.name!r} ({expert.num_parameters:,} parameters, {len(expert.sites)} sites) -> {path}")
+  elif args.action == "list":
+    lib = library.ExpertLibrary(args.library)
+    experts = lib.experts()
+    rows = [(e.name, e.task, str(e.rank), str(len(e.sites)), str(e.expert_steps or "-"), str(e.gate_steps or "-"),
+             ", ".join(f"{k}={v:.4g}" for k, v in e.validation.items()) or "-",
+             f"{_directory_size(lib.path(e.name)) / 2**20:.1f} MiB") for e in experts]
+    _print_table(("name", "task", "rank", "sites", "expert steps", "gate steps", "validation", "size"), rows)
+    print(f"{len(experts)} expert(s) in {lib.root}")
+  elif args.action == "remove":
+    library.ExpertLibrary(args.library).remove(args.name)
+    print(f"removed {args.name!r}")
+  else:
+    experts = library.ExpertLibrary(args.library).validate()
+    print(f"{args.library}: {len(experts)} expert(s), consistent (base model {experts[0].base_model}, "
+          f"rank {experts[0].rank}, {len(experts[0].sites)} sites, all with gates)")
+  return 0
+
+
 # --------------------------------------------------------------------------------------------------
+def _directory_size(path: Path) -> int:
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+  widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+  for row in [header, ["-" * w for w in widths], *rows]:
+    print("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip())
+
+
 def _count(params) -> int:
   import jax
   return sum(x.size for x in jax.tree_util.tree_leaves(params))
@@ -135,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   _, fn, _ = _COMMANDS[args.command]
   try:
     return fn(args, gin_files, bindings)
-  except (FileExistsError, FileNotFoundError, ValueError) as e:  # user errors: a message, not a traceback
+  except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:  # a message, not a traceback
     print(f"phatgoose {args.command}: error: {e}", file=sys.stderr)
     return 1
 

@@ -17,6 +17,9 @@ import numpy as np
 from flax.linen import partitioning as nn_partitioning
 from jax import lax
 
+from phatgoose_jax import adapters
+from phatgoose_jax.adapters import AdapterConfig
+
 param_with_axes = nn_partitioning.param_with_axes
 with_sharding_constraint = nn_partitioning.with_sharding_constraint
 
@@ -180,12 +183,15 @@ class DenseGeneral(nn.Module):
   """Linear map over one or more input axes with a 2-D `kernel` [prod(in), prod(features)].
 
   The kernel is stored flattened (T5X does so for Adafactor's factorization) and reshaped at call time.
+  With an `adapter` whose sites match this module's path, the adapter's parameters sit beside `kernel`
+  and its output is added (see adapters.py).
   """
   features: int | Sequence[int]
   axis: int | Sequence[int] = -1
   dtype: jnp.dtype = jnp.float32
   kernel_init: Initializer = default_kernel_init
   kernel_axes: tuple[str, ...] = ()
+  adapter: AdapterConfig | None = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -197,7 +203,14 @@ class DenseGeneral(nn.Module):
     kernel = jnp.reshape(jnp.asarray(kernel, self.dtype), kernel_in_shape + features)
     inputs = jnp.asarray(inputs, self.dtype)
     contract_ind = tuple(range(len(axis)))
-    return lax.dot_general(inputs, kernel, ((axis, contract_ind), ((), ())))
+    y = lax.dot_general(inputs, kernel, ((axis, contract_ind), ((), ())))
+    if self.adapter is not None and self.adapter.applies_to("/".join(self.path)):
+      if axis != tuple(range(inputs.ndim - len(axis), inputs.ndim)):
+        raise ValueError(f"adapter sites need trailing contracted axes, got axis={axis} for {self.path}")
+      u = inputs.reshape(inputs.shape[:inputs.ndim - len(axis)] + (kernel_param_shape[0],))  # [..., d_in]
+      delta = adapters.site_delta(self, u, kernel_param_shape[1], self.kernel_axes, self.adapter)  # [..., d_out]
+      y = y + delta.reshape(y.shape).astype(y.dtype)
+    return y
 
 
 class Embed(nn.Module):
@@ -293,10 +306,11 @@ class MultiHeadDotProductAttention(nn.Module):
   kernel_init: Initializer = attention_kernel_init
   float32_logits: bool = False
   cross_attention: bool = False
+  adapter: AdapterConfig | None = None
 
   def _projection(self, name: str, init: Initializer) -> nn.Module:
     return DenseGeneral(features=(self.num_heads, self.head_dim), axis=-1, kernel_axes=("embed", "joined_kv"),
-                        kernel_init=init, dtype=self.dtype, name=name)
+                        kernel_init=init, dtype=self.dtype, adapter=self.adapter, name=name)
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None, bias: Array | None = None,
@@ -330,7 +344,7 @@ class MultiHeadDotProductAttention(nn.Module):
                               deterministic=not enable_dropout, dtype=self.dtype,
                               float32_logits=self.float32_logits)
     return DenseGeneral(features=inputs_q.shape[-1], axis=(-2, -1), kernel_init=self.kernel_init,
-                        kernel_axes=("joined_kv", "embed"), dtype=self.dtype, name="out")(x)
+                        kernel_axes=("joined_kv", "embed"), dtype=self.dtype, adapter=self.adapter, name="out")(x)
 
   def _append_to_self_attention_cache(self, query, key, value, mask, bias):
     is_initialized = self.has_variable("cache", "cached_key")
@@ -398,6 +412,7 @@ class MlpBlock(nn.Module):
   kernel_init: Initializer = default_kernel_init
   intermediate_dropout_rate: float = 0.1
   dtype: jnp.dtype = jnp.float32
+  adapter: AdapterConfig | None = None
 
   @nn.compact
   def __call__(self, inputs: Array, enable_dropout: bool = True) -> Array:
@@ -405,10 +420,10 @@ class MlpBlock(nn.Module):
     for idx, act in enumerate(self.activations):
       name = "wi" if len(self.activations) == 1 else f"wi_{idx}"
       x = DenseGeneral(self.intermediate_dim, dtype=self.dtype, kernel_init=self.kernel_init,
-                       kernel_axes=("embed", "mlp"), name=name)(inputs)
+                       kernel_axes=("embed", "mlp"), adapter=self.adapter, name=name)(inputs)
       activations.append(activation_fn(act)(x))
     x = functools.reduce(lambda a, b: a * b, activations)  # [batch, length, mlp]
     x = nn.Dropout(rate=self.intermediate_dropout_rate, broadcast_dims=(-2,))(x, deterministic=not enable_dropout)
     x = with_sharding_constraint(x, ("batch", "length", "mlp"))
     return DenseGeneral(inputs.shape[-1], dtype=self.dtype, kernel_init=self.kernel_init,
-                        kernel_axes=("mlp", "embed"), name="wo")(x)
+                        kernel_axes=("mlp", "embed"), adapter=self.adapter, name="wo")(x)

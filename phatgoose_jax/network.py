@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from phatgoose_jax import layers
+from phatgoose_jax.adapters import AdapterConfig
 from phatgoose_jax.config import T5Config
 
 Array = jax.Array
@@ -18,6 +19,7 @@ Array = jax.Array
 
 class EncoderLayer(nn.Module):
   config: T5Config
+  adapter: AdapterConfig = AdapterConfig()
 
   @nn.compact
   def __call__(self, inputs: Array, encoder_mask: Array | None, encoder_bias: Array,
@@ -28,13 +30,13 @@ class EncoderLayer(nn.Module):
     x = layers.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="pre_attention_layer_norm")(inputs)
     x = layers.MultiHeadDotProductAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype, dropout_rate=cfg.dropout_rate,
-        float32_logits=cfg.float32_attention_logits, name="attention")(
+        float32_logits=cfg.float32_attention_logits, adapter=self.adapter, name="attention")(
             x, x, encoder_mask, encoder_bias, enable_dropout=enable_dropout)
     x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     x = x + inputs
     y = layers.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="pre_mlp_layer_norm")(x)
     y = layers.MlpBlock(intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
-                        intermediate_dropout_rate=cfg.dropout_rate, dtype=dtype, name="mlp")(
+                        intermediate_dropout_rate=cfg.dropout_rate, dtype=dtype, adapter=self.adapter, name="mlp")(
                             y, enable_dropout=enable_dropout)
     y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     return y + x
@@ -42,6 +44,7 @@ class EncoderLayer(nn.Module):
 
 class DecoderLayer(nn.Module):
   config: T5Config
+  adapter: AdapterConfig = AdapterConfig()
 
   @nn.compact
   def __call__(self, inputs: Array, encoded: Array, decoder_mask: Array | None, decoder_bias: Array,
@@ -53,7 +56,7 @@ class DecoderLayer(nn.Module):
     def attention(name: str, cross: bool):
       return layers.MultiHeadDotProductAttention(
           num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype, dropout_rate=cfg.dropout_rate,
-          float32_logits=cfg.float32_attention_logits, cross_attention=cross, name=name)
+          float32_logits=cfg.float32_attention_logits, cross_attention=cross, adapter=self.adapter, name=name)
 
     x = layers.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="pre_self_attention_layer_norm")(inputs)
     x = attention("self_attention", False)(x, x, decoder_mask, decoder_bias, enable_dropout=enable_dropout,
@@ -69,7 +72,7 @@ class DecoderLayer(nn.Module):
 
     z = layers.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="pre_mlp_layer_norm")(y)
     z = layers.MlpBlock(intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
-                        intermediate_dropout_rate=cfg.dropout_rate, dtype=dtype, name="mlp")(
+                        intermediate_dropout_rate=cfg.dropout_rate, dtype=dtype, adapter=self.adapter, name="mlp")(
                             z, enable_dropout=enable_dropout)
     z = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(z, deterministic=deterministic)
     return z + y
@@ -84,6 +87,7 @@ def _relpos_bias(cfg: T5Config) -> layers.RelativePositionBiases:
 class Encoder(nn.Module):
   config: T5Config
   shared_embedding: nn.Module
+  adapter: AdapterConfig = AdapterConfig()
 
   @nn.compact
   def __call__(self, encoder_input_tokens: Array, encoder_mask: Array | None = None,
@@ -97,7 +101,7 @@ class Encoder(nn.Module):
     length = encoder_input_tokens.shape[-1]
     encoder_bias = _relpos_bias(cfg)(length, length, True)  # [1, heads, length, length]
     for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, name=f"layers_{i}")(x, encoder_mask, encoder_bias, enable_dropout=enable_dropout)
+      x = EncoderLayer(cfg, self.adapter, name=f"layers_{i}")(x, encoder_mask, encoder_bias, enable_dropout=enable_dropout)
     x = layers.LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.activation_dtype, name="encoder_norm")(x)
     return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=not enable_dropout)
 
@@ -105,6 +109,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   config: T5Config
   shared_embedding: nn.Module
+  adapter: AdapterConfig = AdapterConfig()
 
   @nn.compact
   def __call__(self, encoded: Array, decoder_input_tokens: Array, decoder_positions: Array | None = None,
@@ -121,7 +126,7 @@ class Decoder(nn.Module):
     # Decode mode: the bias row of the current step, [1, heads, 1, length].
     decoder_bias = _relpos_bias(cfg)(length, length, False, decode=decode)
     for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, name=f"layers_{i}")(y, encoded, decoder_mask, decoder_bias, encoder_decoder_mask,
+      y = DecoderLayer(cfg, self.adapter, name=f"layers_{i}")(y, encoded, decoder_mask, decoder_bias, encoder_decoder_mask,
                                                  enable_dropout=enable_dropout, decode=decode)
     y = layers.LayerNorm(cfg.layer_norm_epsilon, dtype=cfg.activation_dtype, name="decoder_norm")(y)
     y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
@@ -136,8 +141,12 @@ class Decoder(nn.Module):
 
 
 class Transformer(nn.Module):
-  """The T5 encoder-decoder. Pad id is 0; decoder inputs start with BOS id 0."""
+  """The T5 encoder-decoder. Pad id is 0; decoder inputs start with BOS id 0.
+
+  `adapter` says what the linear sites hold besides their frozen kernel (LoRA, gated LoRA, routed experts).
+  """
   config: T5Config
+  adapter: AdapterConfig = AdapterConfig()
 
   def setup(self):
     cfg = self.config
@@ -145,8 +154,8 @@ class Transformer(nn.Module):
                                        dtype=cfg.activation_dtype, attend_dtype=jnp.float32,
                                        embedding_init=nn.initializers.normal(stddev=1.0),
                                        one_hot=cfg.one_hot_embedding, name="token_embedder")
-    self.encoder = Encoder(cfg, self.token_embedder)
-    self.decoder = Decoder(cfg, self.token_embedder)
+    self.encoder = Encoder(cfg, self.token_embedder, self.adapter)
+    self.decoder = Decoder(cfg, self.token_embedder, self.adapter)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
              enable_dropout: bool = True) -> Array:

@@ -1,0 +1,145 @@
+"""Routing math and the routed-LoRA combine kernels, as pure functions.
+
+Notation: T tokens (any leading dims flattened), E experts, k chosen per token, r LoRA rank.
+Router math is float32 throughout. Every combine kernel computes the same function,
+
+    y[t] = scale * sum_j w[t, j] * (u[t] @ A[idx[t, j]]) @ B[idx[t, j]],
+
+and differs only in how the work is laid out (see `combine`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+STANDARDIZE_EPS = 1e-5   # torch.nn.LayerNorm's default, used by the original code for inputs and gates
+RENORMALIZE_EPS = 1e-6   # added to the sum of the kept top-k probabilities
+KERNELS = ("dense", "gather", "grouped")
+
+
+# ---------------------------------------------------------------------------------------------
+# Routers
+# ---------------------------------------------------------------------------------------------
+
+def standardize(x: Array, eps: float = STANDARDIZE_EPS) -> Array:
+  """Mean 0, std 1 over the last axis (biased variance, no affine): LayerNorm without parameters."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * lax.rsqrt(var + eps)
+
+
+def phatgoose_scores(u: Array, standardized_gates: Array) -> Array:
+  """u [T, d_in] (raw site input), standardized_gates [E, d_in] -> scores [T, E].
+
+  scores = standardize(u) . g_hat / sqrt(d_in). The gates are standardized once, when the library is
+  loaded; the input is standardized here, per token.
+  """
+  d_in = u.shape[-1]
+  u_hat = standardize(u)  # [T, d_in]
+  return jnp.einsum("td,ed->te", u_hat, standardized_gates.astype(jnp.float32),
+                    precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d_in))
+
+
+def top_k_weights(scores: Array, k: int, eps: float = RENORMALIZE_EPS) -> tuple[Array, Array]:
+  """Softmax over all E, keep the k largest, renormalize. scores [T, E] -> (weights [T, k], indices [T, k]).
+
+  Ties go to the lower expert index (lax.top_k's order).
+  """
+  num_experts = scores.shape[-1]
+  if not 1 <= k <= num_experts:
+    raise ValueError(f"top-k routing needs 1 <= k <= number of experts; got k={k} with {num_experts} experts")
+  probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
+  top_probs, indices = lax.top_k(probs, k)
+  return top_probs / (jnp.sum(top_probs, axis=-1, keepdims=True) + eps), indices
+
+
+# ---------------------------------------------------------------------------------------------
+# Combine kernels: u [T, d_in], A [E, d_in, r], B [E, r, d_out], weights/indices [T, k] -> [T, d_out]
+# ---------------------------------------------------------------------------------------------
+
+def _lora_dtype(u: Array, a: Array) -> jnp.dtype:
+  return jnp.result_type(u.dtype, a.dtype)
+
+
+def combine_dense(u: Array, a: Array, b: Array, weights: Array, indices: Array) -> Array:
+  """Reference: every expert's down-projection, a masked weighting, one up-projection over E*r.
+
+  Costs T*E*r*(d_in + d_out); exact and partition-friendly (one-hot combine, no gathers).
+  """
+  num_experts, _, rank = a.shape
+  h = jnp.einsum("td,edr->ter", u, a, preferred_element_type=jnp.float32)  # [T, E, r]
+  combine = jnp.sum(jax.nn.one_hot(indices, num_experts, dtype=jnp.float32) * weights[..., None], axis=1)  # [T, E]
+  h = (h * combine[..., None]).astype(b.dtype).reshape(h.shape[0], num_experts * rank)  # [T, E*r]
+  return jnp.dot(h, b.reshape(num_experts * rank, -1), preferred_element_type=jnp.float32)  # [T, d_out]
+
+
+def combine_gather(u: Array, a: Array, b: Array, weights: Array, indices: Array) -> Array:
+  """Per token, gather the k chosen experts' A and B. Weight traffic T*k*r*(d_in + d_out): for few tokens."""
+  a_k = a[indices]  # [T, k, d_in, r]
+  b_k = b[indices]  # [T, k, r, d_out]
+  h = jnp.einsum("td,tkdr->tkr", u, a_k, preferred_element_type=jnp.float32)
+  h = (h * weights[..., None]).astype(b.dtype)
+  return jnp.einsum("tkr,tkrf->tf", h, b_k, preferred_element_type=jnp.float32)
+
+
+def combine_grouped(u: Array, a: Array, b: Array, weights: Array, indices: Array) -> Array:
+  """Sort the T*k (token, expert) pairs by expert and run two grouped matmuls (`lax.ragged_dot`).
+
+  Exact FLOPs (T*k*r*(d_in + d_out)) and each expert's weights read once; pays a sort and a gather.
+  """
+  num_tokens, k = indices.shape
+  num_experts = a.shape[0]
+  flat_experts = indices.reshape(-1)  # [T*k]
+  order = jnp.argsort(flat_experts, stable=True)  # pair positions sorted by expert
+  token_of_pair = order // k
+  x_sorted = u[token_of_pair]  # [T*k, d_in]
+  group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)  # [E]
+  h = lax.ragged_dot(x_sorted, a, group_sizes, preferred_element_type=jnp.float32)  # [T*k, r]
+  h = (h * weights.reshape(-1)[order][:, None]).astype(b.dtype)
+  y_sorted = lax.ragged_dot(h, b, group_sizes, preferred_element_type=jnp.float32)  # [T*k, d_out]
+  # Scatter-add back to tokens (each pair lands on its own token).
+  return jnp.zeros((num_tokens, y_sorted.shape[-1]), jnp.float32).at[token_of_pair].add(y_sorted)
+
+
+_COMBINE = {"dense": combine_dense, "gather": combine_gather, "grouped": combine_grouped}
+
+
+def choose_kernel(num_tokens: int, num_experts: int, k: int, rank: int, d_in: int, d_out: int) -> str:
+  """The automatic choice, from static shapes (see benchmarks/ and docs/performance.md for the
+  measurements behind it).
+
+  dense does E/k times the necessary LoRA FLOPs but no data movement: it wins while E*r is small next
+  to the base matmul. gather moves each chosen expert's weights per token: it wins for very few tokens
+  (incremental decoding). grouped does exact FLOPs with a sort: it wins for many tokens and many experts.
+  """
+  del d_in, d_out
+  if num_experts <= 2 * k or num_experts * rank <= 128:
+    return "dense"
+  if num_tokens * k <= 2 * num_experts:
+    return "gather"
+  return "grouped"
+
+
+def combine(u: Array, a: Array, b: Array, weights: Array, indices: Array, scale: float,
+            kernel: str = "auto", out_dtype=None) -> Array:
+  """The routed LoRA delta: u [..., d_in] -> [..., d_out] (leading dims flattened internally)."""
+  lead = u.shape[:-1]
+  u2 = u.reshape(-1, u.shape[-1])
+  w2 = weights.reshape(-1, weights.shape[-1])
+  i2 = indices.reshape(-1, indices.shape[-1])
+  num_experts, d_in, rank = a.shape
+  if b.shape[:2] != (num_experts, rank) or d_in != u.shape[-1]:
+    raise ValueError(f"expert shapes do not fit: input d_in={u.shape[-1]}, lora_a {a.shape}, lora_b {b.shape}")
+  if kernel == "auto":
+    kernel = choose_kernel(u2.shape[0], num_experts, i2.shape[-1], rank, d_in, b.shape[-1])
+  if kernel not in _COMBINE:
+    raise ValueError(f"unknown routing kernel {kernel!r}; choose one of {KERNELS} or 'auto'")
+  dtype = _lora_dtype(u, a)
+  y = _COMBINE[kernel](u2.astype(dtype), a.astype(dtype), b.astype(dtype), w2.astype(jnp.float32), i2)
+  y = y * scale
+  return y.reshape(lead + (b.shape[-1],)).astype(out_dtype or dtype)

@@ -1,0 +1,355 @@
+"""One trainer for every stage; a stage is which parameters train and what the run writes.
+
+  expert     LoRA on a frozen base (AdapterConfig.mode 'lora'); trains `lora_a`/`lora_b`; writes an expert
+  gate       a frozen base and frozen expert plus a zero-initialized gate per site ('gated_lora');
+             trains `gate`; writes the expert with its gates
+  full       every base parameter (pretraining, multitask fine-tuning); writes a checkpoint
+
+Only the trainable leaves are differentiated and only they have optimizer state; the frozen leaves are
+passed through untouched (bitwise). The optimizer is AdamW (no weight decay by default) after global-norm
+clipping, with a linear warmup to a constant learning rate (HF's `constant_with_warmup`, as the original
+code). A global batch of BATCH_SIZE sequences is split into ACCUMULATION_STEPS micro-batches whose
+gradients are summed inside one jitted step; the loss is the mean over all target tokens of the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from phatgoose_jax import adapters, checkpoints, library
+from phatgoose_jax.adapters import AdapterConfig
+from phatgoose_jax.config import T5Config
+from phatgoose_jax.model import EncoderDecoderModel, weighted_cross_entropy
+from phatgoose_jax.network import Transformer
+
+STAGES = {
+    # stage: (adapter mode, regex of trainable parameter paths)
+    "expert": ("lora", r".*/lora_[ab]"),
+    "gate": ("gated_lora", r".*/gate"),
+    "full": ("none", r".*"),
+}
+PyTree = Any
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and the jitted step
+# ---------------------------------------------------------------------------------------------
+
+@gin.configurable
+def make_optimizer(train_steps: int, learning_rate: float = 5e-3, warmup_ratio: float = 0.06,
+                   weight_decay: float = 0.0, max_grad_norm: float = 1.0, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW after global-norm clipping; lr rises linearly from 0 over int(warmup_ratio * steps) steps."""
+  warmup = int(warmup_ratio * train_steps)
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup),
+                                   optax.constant_schedule(learning_rate)], [warmup]) if warmup else \
+      optax.constant_schedule(learning_rate)
+  tx = optax.chain(optax.clip_by_global_norm(max_grad_norm) if max_grad_norm else optax.identity(),
+                   optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  return tx, schedule
+
+
+@dataclasses.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: dict[str, jax.Array]   # flat {path: array}
+  opt_state: PyTree
+  rng: jax.Array
+
+
+jax.tree_util.register_dataclass(TrainState, data_fields=["step", "trainable", "opt_state", "rng"], meta_fields=[])
+
+
+def split_trainable(params, trainable_regex: str) -> tuple[dict, dict]:
+  """(trainable, frozen) flat dicts by a full-match regex over parameter paths."""
+  pattern = re.compile(trainable_regex)
+  flat = adapters.flatten(params)
+  trainable = {k: v for k, v in flat.items() if pattern.fullmatch(k)}
+  if not trainable:
+    raise ValueError(f"no parameter matches the trainable regex {trainable_regex!r}")
+  return trainable, {k: v for k, v in flat.items() if k not in trainable}
+
+
+class Trainer:
+  """Compiles one train step and one eval step for a model and a trainable/frozen split."""
+
+  def __init__(self, model: EncoderDecoderModel, tx: optax.GradientTransformation, schedule: optax.Schedule):
+    self.model = model
+    self.tx = tx
+    self.schedule = schedule
+    self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+    self.eval_step = jax.jit(self._eval_step)
+
+  def init_state(self, trainable: Mapping[str, jax.Array], seed: int) -> TrainState:
+    trainable = {k: jnp.asarray(v, jnp.float32) for k, v in trainable.items()}
+    return TrainState(step=jnp.array(0, jnp.int32), trainable=trainable, opt_state=self.tx.init(trainable),
+                      rng=jax.random.PRNGKey(seed))
+
+  def _token_loss(self, trainable, frozen, batch, dropout_rng):
+    params = adapters.unflatten({**frozen, **trainable})
+    logits = self.model.compute_logits(params, batch, dropout_rng=dropout_rng)
+    weights = batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
+    loss_sum, _, weight_sum = weighted_cross_entropy(logits, batch["decoder_target_tokens"], weights,
+                                                     self.model.label_smoothing, self.model.z_loss)
+    return loss_sum, weight_sum
+
+  def _train_step(self, state: TrainState, frozen: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]):
+    """batch leaves are [accumulation, micro_batch, length]."""
+    rng, step_rng = jax.random.split(state.rng)
+    accumulation = jax.tree_util.tree_leaves(batch)[0].shape[0]
+
+    def micro_step(carry, inputs):
+      grad_sum, loss_sum, token_sum = carry
+      micro_batch, i = inputs
+      loss_value_and_grads = jax.value_and_grad(self._token_loss, has_aux=True)
+      (loss, tokens), grads = loss_value_and_grads(state.trainable, frozen, micro_batch,
+                                                   jax.random.fold_in(step_rng, i))
+      return (jax.tree_util.tree_map(jnp.add, grad_sum, grads), loss_sum + loss, token_sum + tokens), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+    (grad_sum, loss_sum, token_sum), _ = jax.lax.scan(micro_step, (zeros, 0.0, 0.0),
+                                                      (batch, jnp.arange(accumulation)))
+    denom = jnp.maximum(token_sum, 1.0)
+    grads = jax.tree_util.tree_map(lambda g: g / denom, grad_sum)  # gradient of the mean token loss
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "learning_rate": self.schedule(state.step),
+               "tokens": token_sum}
+    return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng), metrics
+
+  def _eval_step(self, trainable, frozen, batch):
+    return self._token_loss(trainable, frozen, batch, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+def _seqio_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str, batch_size: int,
+                   shuffle: bool, seed: int | None, num_epochs: int | None, pack: bool,
+                   use_cached: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  import seqio
+  import tensorflow as tf
+  tf.config.set_visible_devices([], "GPU")  # TF only feeds data (as in T5X)
+
+  ds = seqio.get_dataset(mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
+                         feature_converter=seqio.EncDecFeatureConverter(pack=pack), dataset_split=split,
+                         use_cached=use_cached, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+  ds = ds.batch(batch_size, drop_remainder=num_epochs is None)
+  for batch in ds.as_numpy_iterator():
+    yield {k: np.asarray(v) for k, v in batch.items()}
+
+
+def _accumulated(batches: Iterator[dict], accumulation: int) -> Iterator[dict]:
+  while True:
+    micro = []
+    for _ in range(accumulation):
+      try:
+        micro.append(next(batches))
+      except StopIteration:
+        return
+    yield {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+def _log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def _prepare_model_dir(model_dir: Path, run_info: dict, overwrite: bool) -> None:
+  """Refuses a directory that holds another run's files (by comparing the recorded run description)."""
+  info_file = model_dir / "run.json"
+  if model_dir.exists() and any(model_dir.iterdir()):
+    if not info_file.is_file():
+      raise FileExistsError(f"MODEL_DIR {model_dir} is not empty and holds no run.json: it is not a run directory; "
+                            f"choose an empty or new directory")
+    previous = json.loads(info_file.read_text())
+    if previous != run_info and not overwrite:
+      changed = sorted(k for k in set(previous) | set(run_info) if previous.get(k) != run_info.get(k))
+      raise FileExistsError(f"MODEL_DIR {model_dir} holds a different run (differs in {changed}); choose another "
+                            f"directory")
+  model_dir.mkdir(parents=True, exist_ok=True)
+  info_file.write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+
+
+def _load_base(initial_checkpoint_path: str | None, model_config: T5Config | None, seed: int):
+  if initial_checkpoint_path:
+    config, params = checkpoints.load_checkpoint(initial_checkpoint_path)
+    return config, jax.tree_util.tree_map(np.asarray, params)
+  if model_config is None:
+    raise ValueError("pass INITIAL_CHECKPOINT_PATH or a model config (a size gin file) to start from scratch")
+  module = Transformer(model_config)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  params = jax.jit(lambda r: module.init(r, tokens, tokens, tokens, enable_dropout=False)["params"])(
+      jax.random.PRNGKey(seed))
+  return model_config, jax.tree_util.tree_map(np.asarray, params)
+
+
+@gin.configurable(denylist=["stage"])
+def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRED,
+          task_feature_lengths: Mapping[str, int] = gin.REQUIRED, train_steps: int = gin.REQUIRED,
+          batch_size: int = gin.REQUIRED, accumulation_steps: int = 1,
+          initial_checkpoint_path: str | None = None, expert_path: str | None = None,
+          model_config: T5Config | None = None, adapter: AdapterConfig | None = None,
+          dropout_rate: float | None = 0.1, eval_period: int = 100, eval_steps: int | None = 20,
+          validation_split: str = "validation", log_period: int = 10, seed: int = 42, pack: bool = True,
+          use_cached: bool = False, expert_name: str | None = None, overwrite: bool = False,
+          mixture_or_task_module: str | None = None,
+          learning_rate: float = 5e-3, warmup_ratio: float = 0.06, weight_decay: float = 0.0,
+          max_grad_norm: float = 1.0) -> dict:
+  """Trains one stage and writes its result into model_dir. Returns a summary dict.
+
+  batch_size is the global batch (sequences per optimizer step); it must divide by accumulation_steps.
+  Validation loss is computed every eval_period steps (and at the end) on up to eval_steps batches of
+  validation_split; the parameters with the lowest validation loss are what the run writes.
+  """
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
+  if batch_size % accumulation_steps:
+    raise ValueError(f"BATCH_SIZE={batch_size} does not divide into ACCUMULATION_STEPS={accumulation_steps}")
+  mode, trainable_regex = STAGES[stage]
+  if mixture_or_task_module:
+    import importlib
+    importlib.import_module(mixture_or_task_module)  # registers the seqio tasks
+  model_dir = Path(model_dir)
+  base_config, base_params = _load_base(initial_checkpoint_path, model_config, seed)
+  if dropout_rate is not None:
+    base_config = base_config.replace(dropout_rate=dropout_rate)
+  adapter = (adapter or AdapterConfig()).replace(mode=mode)
+  fingerprint = library.base_model_fingerprint(base_params)
+
+  run_info = {"stage": stage, "mixture_or_task_name": mixture_or_task_name, "train_steps": train_steps,
+              "batch_size": batch_size, "accumulation_steps": accumulation_steps, "seed": seed,
+              "task_feature_lengths": dict(task_feature_lengths), "base_model": fingerprint,
+              "initial_checkpoint_path": initial_checkpoint_path, "expert_path": expert_path,
+              "adapter": dataclasses.asdict(adapter), "learning_rate": learning_rate}
+  _prepare_model_dir(model_dir, run_info, overwrite)
+
+  source_expert = None
+  if stage == "gate":
+    if not expert_path:
+      raise ValueError("gate training needs EXPERT_PATH: the expert (a directory written by train-expert)")
+    source_expert = library.load_expert(expert_path)
+    if source_expert.base_model != fingerprint:
+      raise library.LibraryError(f"expert {source_expert.name!r} was trained on base model {source_expert.base_model}, "
+                                 f"not on {fingerprint} (INITIAL_CHECKPOINT_PATH)")
+    # The gated model has exactly the expert's sites, rank and scale.
+    adapter = adapter.replace(rank=source_expert.rank, alpha=source_expert.alpha,
+                              sites="|".join(re.escape(s) for s in source_expert.sites))
+
+  model = EncoderDecoderModel(Transformer(base_config, adapter))
+  # Start from the adapter model's initialization with the base weights grafted in.
+  tokens = jnp.ones((1, 1), jnp.int32)
+  init_params = jax.jit(lambda r: model.module.init(r, tokens, tokens, tokens, enable_dropout=False)["params"])(
+      jax.random.PRNGKey(seed))
+  params = adapters.graft_base(init_params, base_params) if mode != "none" else base_params
+  if source_expert is not None:
+    flat = adapters.flatten(params)
+    lora_keys = {k for k in flat if k.rsplit("/", 1)[-1] in library.LORA_PARAMS}
+    if lora_keys != {k for k in source_expert.tensors if not k.endswith("/gate")}:
+      raise library.LibraryError(f"expert {source_expert.name!r}: its sites are not all linear sites of this model")
+    flat.update({k: source_expert.tensors[k] for k in lora_keys})
+    params = adapters.unflatten(flat)
+
+  trainable, frozen = split_trainable(params, trainable_regex)
+  tx, schedule = make_optimizer(train_steps, learning_rate=learning_rate, warmup_ratio=warmup_ratio,
+                                weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+  trainer = Trainer(model, tx, schedule)
+  state = trainer.init_state(trainable, seed)
+  frozen = {k: jnp.asarray(v) for k, v in frozen.items()}
+  n_train = sum(v.size for v in trainable.values())
+  n_frozen = sum(v.size for v in frozen.values())
+  _log(f"[{stage}] {mixture_or_task_name}: training {n_train:,} parameters ({len(trainable)} tensors), "
+       f"{n_frozen:,} frozen; {train_steps} steps x {batch_size} sequences ({accumulation_steps} micro-batches)")
+
+  micro = batch_size // accumulation_steps
+  train_batches = _accumulated(_seqio_batches(mixture_or_task_name, task_feature_lengths, "train", micro, True, seed,
+                                              None, pack, use_cached), accumulation_steps)
+
+  def validation_loss() -> float:
+    loss, tokens = 0.0, 0.0
+    batches = _seqio_batches(mixture_or_task_name, task_feature_lengths, validation_split, micro, False, None, 1,
+                             pack, use_cached)
+    for i, batch in enumerate(batches):
+      if eval_steps is not None and i >= eval_steps:
+        break
+      l, t = trainer.eval_step(state.trainable, frozen, batch)
+      loss, tokens = loss + float(l), tokens + float(t)
+    if tokens == 0:
+      raise ValueError(f"the {validation_split!r} split of {mixture_or_task_name} is empty")
+    return loss / tokens
+
+  log_file = open(model_dir / "train_log.jsonl", "a")
+  best = {"loss": math.inf, "step": 0, "trainable": None}
+  start = time.time()
+  step_times = []
+  for step in range(1, train_steps + 1):
+    try:
+      batch = next(train_batches)
+    except StopIteration:
+      raise ValueError(f"{mixture_or_task_name} yielded no training batch of {micro} sequences") from None
+    t0 = time.time()
+    state, metrics = trainer.train_step(state, frozen, batch)
+    record = {"step": step}
+    if step % log_period == 0 or step == train_steps:
+      metrics = {k: float(v) for k, v in metrics.items()}
+      step_times.append(time.time() - t0)
+      elapsed = time.time() - start
+      eta = elapsed / step * (train_steps - step)
+      record.update(metrics, tokens_per_second=metrics["tokens"] / max(step_times[-1], 1e-9), elapsed=elapsed)
+      _log(f"[{stage}] step {step}/{train_steps} loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
+           f"lr {metrics['learning_rate']:.2e} ({step / elapsed:.2f} steps/s, ETA {eta:.0f}s)")
+    if eval_period and (step % eval_period == 0 or step == train_steps):
+      val = validation_loss()
+      record["validation_loss"] = val
+      _log(f"[{stage}] step {step}: validation loss {val:.4f}{' (best so far)' if val < best['loss'] else ''}")
+      if val < best["loss"]:
+        best = {"loss": val, "step": step, "trainable": jax.tree_util.tree_map(np.asarray, state.trainable)}
+    if len(record) > 1:
+      log_file.write(json.dumps(record) + "\n")
+      log_file.flush()
+  log_file.close()
+  if best["trainable"] is None:  # no validation: keep the last parameters
+    best = {"loss": None, "step": train_steps, "trainable": jax.tree_util.tree_map(np.asarray, state.trainable)}
+  final_params = adapters.unflatten({**{k: np.asarray(v) for k, v in frozen.items()}, **best["trainable"]})
+
+  summary = {"stage": stage, "steps": train_steps, "best_step": best["step"], "validation_loss": best["loss"],
+             "seconds": time.time() - start}
+  if stage == "full":
+    path = checkpoints.save_checkpoint(model_dir / "checkpoint", final_params, base_config,
+                                       {"train_summary": summary}, overwrite=True)
+  else:
+    name = expert_name or (source_expert.name if source_expert else _default_expert_name(mixture_or_task_name))
+    validation = {"loss": best["loss"]} if best["loss"] is not None else {}
+    fields = dict(expert_steps=train_steps, validation=validation)
+    if source_expert is not None:
+      fields = dict(expert_steps=source_expert.expert_steps, gate_steps=train_steps,
+                    validation={**source_expert.validation, **{f"gate_{k}": v for k, v in validation.items()}})
+    expert = library.expert_from_params(final_params, name=name, task=mixture_or_task_name,
+                                        base_fingerprint=fingerprint, adapter_config=adapter,
+                                        model_config=base_config, **fields)
+    path = library.save_expert(expert, model_dir / "expert", overwrite=True)
+  summary["output"] = str(path)
+  (model_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  _log(f"[{stage}] done: {path} (best step {best['step']}, validation loss {best['loss']})")
+  return summary
+
+
+def _default_expert_name(task: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.\-]", "_", task)
