@@ -66,7 +66,7 @@ def test_lora_parameters_axes_and_site_selection(tiny_model):
 def test_base_checkpoint_loads_into_lora_model_unchanged(tiny_model, padded_batch):
   model, params = tiny_model
   lora = EncoderDecoderModel(Transformer(model.module.config, AdapterConfig(mode="lora", rank=RANK)))
-  grafted = adapters.graft_base(init_params(lora, shapes_only=True)["params"], params)
+  grafted = adapters.graft_base(init_params(lora)["params"], params)
   base_part, _ = adapters.split_params(grafted)
   for k, v in adapters.flatten(params).items():
     np.testing.assert_array_equal(base_part[k], v)
