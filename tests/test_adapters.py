@@ -27,7 +27,7 @@ def random_expert(name, seed, config, base_params, sites=".*", rank=RANK):
   rng = np.random.default_rng(seed)
   shapes = adapters.flatten(init_params(model, shapes_only=True)["params"])
   flat = {**adapters.flatten(base_params),
-          **{k: rng.normal(size=v.shape).astype(np.float32) * (0.3 if k.endswith("lora_b") else 1.0)
+          **{k: rng.normal(size=v.shape).astype(np.float32) * (1.0 if k.endswith("/gate") else 0.3)
              for k, v in shapes.items() if adapters.is_adapter_param(k)}}
   return library.expert_from_params(adapters.unflatten(flat), name=name, task=f"task_{name}",
                                     base_fingerprint=library.base_model_fingerprint(base_params),
