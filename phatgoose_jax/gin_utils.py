@@ -105,3 +105,12 @@ def isolated_gin_config() -> Iterator[None]:
     cfg._IMPORTS.update(saved[1])  # pylint: disable=protected-access
     cfg._OPERATIVE_CONFIG.update(saved[2])  # pylint: disable=protected-access
     cfg._SINGLETONS.update(saved[3])  # pylint: disable=protected-access
+
+
+def require(function: str, **arguments) -> None:
+  """Raises GinConfigError naming every argument still bound to gin.REQUIRED (e.g. through a macro such as
+  `MODEL_DIR = %gin.REQUIRED`, which gin passes through instead of refusing)."""
+  missing = [name for name, value in arguments.items() if value is gin.REQUIRED]
+  if missing:
+    raise GinConfigError(f"{function}: no value for {', '.join(missing)}; set them with --gin.MACRO=VALUE flags "
+                         f"(e.g. --gin.{missing[0].upper()}=...) or in a gin file")

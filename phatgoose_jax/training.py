@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from phatgoose_jax import adapters, checkpoints, library
+from phatgoose_jax import adapters, checkpoints, gin_utils, library
 from phatgoose_jax.adapters import AdapterConfig
 from phatgoose_jax.config import T5Config
 from phatgoose_jax.model import EncoderDecoderModel, weighted_cross_entropy
@@ -221,6 +221,9 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
   """
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
+  gin_utils.require("train", model_dir=model_dir, mixture_or_task_name=mixture_or_task_name,
+                    task_feature_lengths=task_feature_lengths, train_steps=train_steps, batch_size=batch_size,
+                    initial_checkpoint_path=initial_checkpoint_path, expert_path=expert_path)
   if batch_size % accumulation_steps:
     raise ValueError(f"BATCH_SIZE={batch_size} does not divide into ACCUMULATION_STEPS={accumulation_steps}")
   mode, trainable_regex = STAGES[stage]
@@ -297,6 +300,11 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
 
   log_file = open(model_dir / "train_log.jsonl", "a")
   best = {"loss": math.inf, "step": 0, "trainable": None}
+  if eval_period:  # the starting point is a candidate too (e.g. zero gates, or an untouched base)
+    val = validation_loss()
+    _log(f"[{stage}] step 0: validation loss {val:.4f}")
+    log_file.write(json.dumps({"step": 0, "validation_loss": val}) + "\n")
+    best = {"loss": val, "step": 0, "trainable": jax.tree_util.tree_map(np.asarray, state.trainable)}
   start = time.time()
   step_times = []
   for step in range(1, train_steps + 1):

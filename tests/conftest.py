@@ -88,3 +88,43 @@ def tiny_model(imported):
   from phatgoose_jax.network import Transformer
   config, params = imported
   return EncoderDecoderModel(Transformer(config)), params
+
+
+TRAIN_TASKS = ("pg_test_reverse", "pg_test_upper")
+
+
+@pytest.fixture(scope="session")
+def train_tasks():
+  """Two tiny seqio tasks over bytes (reverse a word; upper-case it), registered once per session."""
+  import seqio
+  import tensorflow as tf
+
+  vocab = seqio.ByteVocabulary()
+
+  def make(transform):
+    def dataset_fn(split, shuffle_files, seed=None):
+      rng = np.random.default_rng({"train": 0, "validation": 1}[split])
+      words = ["".join(rng.choice(list("abcdefgh"), size=rng.integers(2, 6))) for _ in range(96)]
+      return tf.data.Dataset.from_tensor_slices({"inputs": words, "targets": [transform(w) for w in words]})
+    return dataset_fn
+
+  for name, fn in zip(TRAIN_TASKS, (lambda w: w[::-1], str.upper)):
+    if name not in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.add(name, seqio.FunctionDataSource(make(fn), splits=["train", "validation"]),
+                             preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+                             output_features={"inputs": seqio.Feature(vocab), "targets": seqio.Feature(vocab)})
+  return TRAIN_TASKS
+
+
+@pytest.fixture(scope="session")
+def byte_base_checkpoint(tmp_path_factory):
+  """A randomly initialized one-layer T5.1.1 over the byte vocabulary, saved as our checkpoint."""
+  import jax.numpy as jnp
+  from phatgoose_jax import checkpoints
+  from phatgoose_jax.network import Transformer
+
+  config = T5Config(vocab_size=264, dtype="float32", emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                    num_encoder_layers=1, num_decoder_layers=1, mlp_activations=("gelu", "linear"), dropout_rate=0.0)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  params = Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False)["params"]
+  return checkpoints.save_checkpoint(tmp_path_factory.mktemp("byte_base") / "ckpt", params, config)
