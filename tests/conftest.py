@@ -8,12 +8,20 @@ import os
 # tolerances mean the same everywhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Test models are tiny: XLA's compile time, not run time, dominates the suite. Skip LLVM's heavy
+# optimization passes (semantics are unchanged) ...
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
+# ... and keep compiled programs on disk, so that identical programs built by different tests (or an
+# earlier run) are compiled once.
+jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.dirname(__file__), "..", ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 from phatgoose_jax.config import T5Config  # noqa: E402
 
