@@ -27,7 +27,7 @@ import numpy as np
 from phatgoose_jax import routing
 
 MODES = ("none", "lora", "gated_lora", "routed")
-ROUTERS = ("phatgoose",)
+ROUTERS = ("phatgoose", "arrow")
 # Every linear layer of the T5X encoder and decoder (not the output layer `logits_dense`).
 SITE_CANDIDATES = re.compile(r"(encoder|decoder)/layers_\d+/((attention|self_attention|encoder_decoder_attention)/"
                              r"(query|key|value|out)|mlp/(wi|wi_\d+|wo))")
@@ -43,7 +43,11 @@ class AdapterConfig:
     '.*' (default) is every linear layer of encoder and decoder, as in the paper.
   num_experts / top_k / router / kernel: routed mode only. kernel is the combine implementation
     ('dense', 'gather', 'grouped' or 'auto'); all compute the same function.
+  router: 'phatgoose' (standardized input . router vector / sqrt(d_in); the vectors are standardized
+    gates, or standardized mean activations for Average Activation) or 'arrow' (|input . vector| /
+    arrow_temperature, the vectors unit singular directions).
   record_routing: sow each site's top-k indices and weights into `intermediates` (teacher-forced passes).
+  record_inputs: sow each site's raw input into `intermediates` (for Average Activation).
   """
   mode: str = "none"
   rank: int = 16
@@ -54,7 +58,9 @@ class AdapterConfig:
   top_k: int = 2
   router: str = "phatgoose"
   kernel: str = "auto"
+  arrow_temperature: float = 1.0
   record_routing: bool = False
+  record_inputs: bool = False
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -106,6 +112,8 @@ def site_delta(module, u: jax.Array, d_out: int, kernel_axes: Sequence[str], cfg
 
   in_axis, out_axis = kernel_axes
   d_in, r, dtype = u.shape[-1], cfg.rank, u.dtype
+  if cfg.record_inputs:
+    module.sow("intermediates", "site_inputs", u)
   lora_init = jax.nn.initializers.normal(cfg.lora_init_stddev)
   zeros = jax.nn.initializers.zeros
   if cfg.mode in ("lora", "gated_lora"):
@@ -128,7 +136,10 @@ def site_delta(module, u: jax.Array, d_out: int, kernel_axes: Sequence[str], cfg
   router = param_with_axes("router", zeros, (e, d_in), jnp.float32, axes=("expert", in_axis), module=module)
   lead = u.shape[:-1]
   u2 = u.reshape(-1, d_in)  # [T, d_in]
-  scores = routing.phatgoose_scores(u2, router)  # [T, E]
+  if cfg.router == "arrow":
+    scores = routing.arrow_scores(u2, router, cfg.arrow_temperature)  # [T, E]
+  else:
+    scores = routing.phatgoose_scores(u2, router)  # [T, E]
   weights, indices = routing.top_k_weights(scores, cfg.top_k)  # [T, k]
   if cfg.record_routing:
     module.sow("intermediates", "routing_indices", indices.reshape(lead + (cfg.top_k,)))

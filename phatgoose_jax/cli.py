@@ -170,6 +170,26 @@ def library_command(args, gin_files, bindings) -> int:
   return 0
 
 
+@command("pipeline", "the main job: base, experts, gates, every method on held-out tasks, results and plots")
+@_arguments(lambda p: (p.add_argument("--seeds", type=int, default=None, help="repeat for N training seeds; "
+                                      "report mean and std"),
+                       p.add_argument("--output_dir", default=None, help="where everything is written "
+                                      "(default: the gin file's, runs/offline)"),
+                       _add_gin_help(p)))
+def pipeline_command(args, gin_files, bindings) -> int:
+  import gin
+  from phatgoose_jax import pipeline
+  gin_utils.parse_gin(gin_files or ["runs/offline_benchmark.gin"], bindings)
+  overrides = {k: v for k, v in (("seeds", args.seeds), ("output_dir", args.output_dir)) if v is not None}
+  try:
+    cfg = pipeline.PipelineConfig(**overrides)
+  finally:
+    pass
+  pipeline.Pipeline(cfg).run()
+  gin.clear_config()
+  return 0
+
+
 # --------------------------------------------------------------------------------------------------
 def _directory_size(path: Path) -> int:
   return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

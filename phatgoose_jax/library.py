@@ -236,20 +236,28 @@ def stack_experts(experts: Sequence[Expert], require_gates: bool = True) -> Stac
       gate={s: stack(s, "gate") for s in first.sites} if require_gates else {})
 
 
-def routed_adapter_params(stacked: StackedExperts) -> dict[str, np.ndarray]:
-  """Flat routed-model adapter leaves: stacked LoRA and the gates standardized once (float32), as the
-  PHATGOOSE router reads them."""
-  import jax
-  standardize = jax.jit(routing.standardize)
+def routed_adapter_params(stacked: StackedExperts, router_vectors: Mapping[str, np.ndarray] | None = None
+                          ) -> dict[str, np.ndarray]:
+  """Flat routed-model adapter leaves: the stacked LoRA factors and, per site, the router vectors
+  [E, d_in]. By default these are the gates standardized once (float32), as the PHATGOOSE router reads
+  them; baselines pass their own (see routers.py)."""
+  if router_vectors is None:
+    import jax
+    standardize = jax.jit(routing.standardize)
+    router_vectors = {site: np.asarray(standardize(stacked.gate[site])) for site in stacked.sites}
   flat = {}
   for site in stacked.sites:
+    if router_vectors[site].shape != stacked.lora_a[site].shape[:2]:
+      raise LibraryError(f"router vectors at {site} have shape {router_vectors[site].shape}, expected "
+                         f"{stacked.lora_a[site].shape[:2]}")
     flat[f"{site}/lora_a"] = stacked.lora_a[site]
     flat[f"{site}/lora_b"] = stacked.lora_b[site]
-    flat[f"{site}/router"] = np.asarray(standardize(stacked.gate[site]))
+    flat[f"{site}/router"] = np.asarray(router_vectors[site], np.float32)
   return flat
 
 
-def routed_model_params(base_params, stacked: StackedExperts, check_base: bool = True) -> dict:
+def routed_model_params(base_params, stacked: StackedExperts, router_vectors: Mapping[str, np.ndarray] | None = None,
+                        check_base: bool = True) -> dict:
   """Base parameters plus the routed adapter leaves, as a nested tree for `Transformer(adapter=routed)`."""
   base, _ = adapters.split_params(base_params)
   if check_base:
@@ -257,7 +265,7 @@ def routed_model_params(base_params, stacked: StackedExperts, check_base: bool =
     if fingerprint != stacked.base_model:
       raise LibraryError(f"the experts were trained on base model {stacked.base_model}, but the given base model "
                          f"is {fingerprint}")
-  return adapters.unflatten({**base, **routed_adapter_params(stacked)})
+  return adapters.unflatten({**base, **routed_adapter_params(stacked, router_vectors)})
 
 
 class ExpertLibrary:
@@ -314,16 +322,18 @@ class ExpertLibrary:
 
 
 def routed_model(base_config, base_params, stacked: StackedExperts, top_k: int = 2, kernel: str = "auto",
-                 record_routing: bool = False, check_base: bool = True):
-  """(EncoderDecoderModel, params) of the PHATGOOSE routed model: the base plus every stacked expert at
-  each of their sites, routed per token with the standardized gates."""
+                 record_routing: bool = False, check_base: bool = True, router: str = "phatgoose",
+                 router_vectors: Mapping[str, np.ndarray] | None = None):
+  """(EncoderDecoderModel, params) of a routed model: the base plus every stacked expert at each of their
+  sites, routed per token. Default: PHATGOOSE (the standardized gates); `router`/`router_vectors` give
+  the baselines that share this computation (Average Activation, Arrow)."""
   from phatgoose_jax.model import EncoderDecoderModel
   from phatgoose_jax.network import Transformer
 
   adapter = adapters.AdapterConfig(mode="routed", rank=stacked.rank, alpha=stacked.alpha, sites=stacked.sites_regex,
                                    num_experts=stacked.num_experts, top_k=top_k, kernel=kernel,
-                                   record_routing=record_routing)
-  params = routed_model_params(base_params, stacked, check_base=check_base)
+                                   record_routing=record_routing, router=router)
+  params = routed_model_params(base_params, stacked, router_vectors, check_base=check_base)
   model = EncoderDecoderModel(Transformer(base_config, adapter))
   expected = {k.rsplit("/", 1)[0] for k in adapters.flatten(params) if adapters.is_adapter_param(k)}
   if expected != set(stacked.sites):

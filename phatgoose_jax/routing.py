@@ -45,6 +45,14 @@ def phatgoose_scores(u: Array, standardized_gates: Array) -> Array:
                     precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d_in))
 
 
+def arrow_scores(u: Array, directions: Array, temperature: float = 1.0) -> Array:
+  """Arrow: |u . v_e| / temperature with v_e each expert's unit top singular direction (sign-free).
+  u [T, d_in], directions [E, d_in] -> [T, E]."""
+  dots = jnp.einsum("td,ed->te", u.astype(jnp.float32), directions.astype(jnp.float32),
+                    precision=lax.Precision.HIGHEST)
+  return jnp.abs(dots) / temperature
+
+
 def top_k_weights(scores: Array, k: int, eps: float = RENORMALIZE_EPS) -> tuple[Array, Array]:
   """Softmax over all E, keep the k largest, renormalize. scores [T, E] -> (weights [T, k], indices [T, k]).
 
