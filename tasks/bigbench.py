@@ -110,7 +110,14 @@ def seqio_name(suite: str, task: str) -> str:
   return f"bigbench_{suite}_{task.replace(':', '__')}"
 
 
-def register(directory: str | Path, vocabulary=None, suites: Iterable[str] = ("lite", "hard")) -> list[str]:
+def _gin_configurable(fn):
+  import gin
+  return gin.configurable("bigbench.register")(fn)
+
+
+@_gin_configurable
+def register(directory: str | Path = "data/bigbench", vocabulary=None, suites: Iterable[str] = ("lite", "hard")
+             ) -> list[str]:
   """Registers every available task of the suites; returns their seqio names. Missing task files are
   skipped with a note (the programmatic BBH tasks have none)."""
   import seqio

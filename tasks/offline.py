@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import string
+from typing import Iterator
 
 import numpy as np
 
@@ -228,13 +229,14 @@ def span_corruption(ids: list[int], rng: np.random.Generator, vocab_size: int, n
 
 
 def pretraining_examples(seed: int, split: str, count: int, vocab, max_input_tokens: int = 64,
-                         reconstruct_fraction: float = 0.5) -> list[dict]:
-  """Span-corruption examples over corpus sentences. In `reconstruct_fraction` of them the target is the
-  whole original sentence instead of only the dropped spans (BART/MASS-style denoising): a tiny model
-  trained for minutes needs that to learn to copy, which a T5 pretrained on a trillion tokens can already do."""
+                         reconstruct_fraction: float = 0.5) -> Iterator[dict]:
+  """Span-corruption examples over corpus sentences, generated lazily. In `reconstruct_fraction` of them
+  the target is the whole original sentence instead of only the dropped spans (BART/MASS-style
+  denoising): a tiny model trained for minutes needs that to learn to copy, which a T5 pretrained on a
+  trillion tokens can already do."""
   rng = _rng(seed, "pretrain", split)
-  out = []
-  while len(out) < count:
+  made = 0
+  while made < count:
     text = corpus_sentence(rng)
     ids = vocab.encode(text)[:max_input_tokens - 1]
     inputs, targets = span_corruption(ids, rng, vocab.vocab_size)
@@ -242,8 +244,8 @@ def pretraining_examples(seed: int, split: str, count: int, vocab, max_input_tok
       continue
     if rng.random() < reconstruct_fraction:
       targets = ids
-    out.append({"inputs": inputs, "targets": targets})
-  return out
+    made += 1
+    yield {"inputs": inputs, "targets": targets}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,9 +313,9 @@ def register(data_seed: int = 0) -> None:
   def pretrain_source():
     def dataset_fn(split, shuffle_files, seed=None):
       del shuffle_files, seed
-      ex = pretraining_examples(data_seed, split, {"train": 20000, "validation": 200, "test": 200}[split], vocab)
+      count = {"train": 20000, "validation": 200, "test": 200}[split]
       return tf.data.Dataset.from_generator(
-          lambda: iter(ex), output_signature={"inputs": tf.TensorSpec([None], tf.int32),
+          lambda: pretraining_examples(data_seed, split, count, vocab), output_signature={"inputs": tf.TensorSpec([None], tf.int32),
                                               "targets": tf.TensorSpec([None], tf.int32)})
     return seqio.FunctionDataSource(dataset_fn, splits=SPLITS)
 

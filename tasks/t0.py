@@ -53,6 +53,11 @@ class T0Error(ValueError):
   pass
 
 
+def _gin_configurable(fn):
+  import gin
+  return gin.configurable("t0.register")(fn)
+
+
 # ---------------------------------------------------------------------------------------------
 # promptsource templates
 # ---------------------------------------------------------------------------------------------
@@ -154,7 +159,9 @@ def _name(s: str) -> str:
 # seqio registration
 # ---------------------------------------------------------------------------------------------
 
-def register(data_dir: str | Path, templates_dir: str | Path, vocabulary=None, held_in: Iterable[str] | None = None,
+@_gin_configurable
+def register(data_dir: str | Path = "data/t0", templates_dir: str | Path = "data/promptsource_templates",
+             vocabulary=None, held_in: Iterable[str] | None = None,
              held_out: Iterable[str] | None = None, max_train_examples: int = 500_000) -> list[str]:
   """Registers the T0 tasks whose data files exist; returns their names. templates_dir holds promptsource's
   `<dataset>[/<subset>]/templates.yaml`."""
