@@ -64,6 +64,7 @@ class PipelineConfig:
   pretrain_learning_rate: float = 3e-3
   pretrain_feature_lengths: dict = dataclasses.field(default_factory=lambda: {"inputs": 64, "targets": 24})
   pack: bool = True                    # pack training sequences (T5X's default; short tasks may not need it)
+  in_memory_data: bool = False         # preprocess training data once and sample from memory (small data)
   # Experts, gates, multitask.
   expert_steps: int = 1000
   gate_steps: int = 100
@@ -147,7 +148,7 @@ class Pipeline:
                      task_feature_lengths=cfg.pretrain_feature_lengths, train_steps=cfg.pretrain_steps,
                      batch_size=cfg.pretrain_batch_size, model_config=cfg.model_config, dropout_rate=0.0,
                      learning_rate=cfg.pretrain_learning_rate, warmup_ratio=0.02, eval_period=0, seed=0,
-                     log_period=max(1, cfg.pretrain_steps // 10), pack=cfg.pack)
+                     log_period=max(1, cfg.pretrain_steps // 10), pack=cfg.pack, in_memory_data=cfg.in_memory_data)
     return run / "checkpoint"
 
   def _train(self, stage: str, run: Path, task: str, steps: int, seed: int, **kwargs) -> Path:
@@ -157,7 +158,7 @@ class Pipeline:
                      train_steps=steps, batch_size=cfg.batch_size, accumulation_steps=cfg.accumulation_steps,
                      initial_checkpoint_path=str(self.base_checkpoint()), dropout_rate=cfg.dropout_rate,
                      learning_rate=cfg.learning_rate, eval_period=cfg.eval_period, eval_steps=4, seed=seed,
-                     log_period=max(1, steps // 4), pack=cfg.pack, **kwargs)
+                     log_period=max(1, steps // 4), pack=cfg.pack, in_memory_data=cfg.in_memory_data, **kwargs)
     return run / "expert"
 
   def train_experts(self, seed: int) -> library.ExpertLibrary:

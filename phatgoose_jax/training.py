@@ -138,19 +138,61 @@ class Trainer:
 # Data
 # ---------------------------------------------------------------------------------------------
 
-def _seqio_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str, batch_size: int,
-                   shuffle: bool, seed: int | None, num_epochs: int | None, pack: bool,
-                   use_cached: bool = False) -> Iterator[dict[str, np.ndarray]]:
+def _seqio_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str, shuffle: bool,
+                   seed: int | None, num_epochs: int | None, pack: bool, use_cached: bool = False):
   import seqio
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # TF only feeds data (as in T5X)
+  return seqio.get_dataset(mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
+                           feature_converter=seqio.EncDecFeatureConverter(pack=pack), dataset_split=split,
+                           use_cached=use_cached, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
 
-  ds = seqio.get_dataset(mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
-                         feature_converter=seqio.EncDecFeatureConverter(pack=pack), dataset_split=split,
-                         use_cached=use_cached, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+
+def _seqio_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str, batch_size: int,
+                   shuffle: bool, seed: int | None, num_epochs: int | None, pack: bool,
+                   use_cached: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """Streams model-feature batches from seqio (tf.data): for data too large to hold in memory."""
+  ds = _seqio_dataset(mixture_or_task_name, task_feature_lengths, split, shuffle, seed, num_epochs, pack, use_cached)
   ds = ds.batch(batch_size, drop_remainder=num_epochs is None)
   for batch in ds.as_numpy_iterator():
     yield {k: np.asarray(v) for k, v in batch.items()}
+
+
+def _materialize(task_name: str, task_feature_lengths, split: str, pack: bool, use_cached: bool) -> dict[str, np.ndarray]:
+  """One pass of a task's split through seqio's preprocessing and feature converter, as arrays [N, L]."""
+  ds = _seqio_dataset(task_name, task_feature_lengths, split, False, None, 1, pack, use_cached)
+  rows = list(ds.as_numpy_iterator())
+  if not rows:
+    raise ValueError(f"the {split!r} split of {task_name} yielded no example")
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _in_memory_batches(mixture_or_task_name: str, task_feature_lengths, split: str, batch_size: int, seed: int,
+                       pack: bool, use_cached: bool = False) -> Iterator[dict[str, np.ndarray]]:
+  """Endless shuffled batches from data held in memory (each task's split is preprocessed once).
+
+  A mixture samples each example's task in proportion to the seqio mixing rates; within a task, examples
+  are drawn epoch by epoch in a fresh permutation. Deterministic in the seed.
+  """
+  import seqio
+  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  tasks = list(provider.tasks) if isinstance(provider, seqio.Mixture) else [provider]
+  rates = np.array([provider.get_rate(t) if isinstance(provider, seqio.Mixture) else 1.0 for t in tasks], np.float64)
+  if not np.all(np.isfinite(rates)) or rates.sum() <= 0:
+    raise ValueError(f"{mixture_or_task_name}: mixing rates {rates.tolist()} do not form a distribution")
+  data = [_materialize(t.name, task_feature_lengths, split, pack, use_cached) for t in tasks]
+  rng = np.random.default_rng(seed)
+  orders = [rng.permutation(len(next(iter(d.values())))) for d in data]
+  cursors = [0] * len(data)
+  while True:
+    which = rng.choice(len(data), size=batch_size, p=rates / rates.sum()) if len(data) > 1 else np.zeros(batch_size, int)
+    picks = []
+    for t in which:
+      if cursors[t] == len(orders[t]):
+        orders[t], cursors[t] = rng.permutation(len(orders[t])), 0
+      picks.append((t, orders[t][cursors[t]]))
+      cursors[t] += 1
+    yield {k: np.stack([data[t][k][i] for t, i in picks]) for k in data[0]}
 
 
 def _accumulated(batches: Iterator[dict], accumulation: int) -> Iterator[dict]:
@@ -210,7 +252,7 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
           dropout_rate: float | None = 0.1, eval_period: int = 100, eval_steps: int | None = 20,
           validation_split: str = "validation", log_period: int = 10, seed: int = 42, pack: bool = True,
           use_cached: bool = False, expert_name: str | None = None, overwrite: bool = False,
-          mixture_or_task_module: str | None = None,
+          mixture_or_task_module: str | None = None, in_memory_data: bool = False,
           learning_rate: float = 5e-3, warmup_ratio: float = 0.06, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0) -> dict:
   """Trains one stage and writes its result into model_dir. Returns a summary dict.
@@ -218,6 +260,8 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
   batch_size is the global batch (sequences per optimizer step); it must divide by accumulation_steps.
   Validation loss is computed every eval_period steps (and at the end) on up to eval_steps batches of
   validation_split; the parameters with the lowest validation loss are what the run writes.
+  in_memory_data: preprocess each task's training split once and sample batches from memory (fast for
+  small data); otherwise stream from seqio.
   """
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
@@ -282,8 +326,12 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
        f"{n_frozen:,} frozen; {train_steps} steps x {batch_size} sequences ({accumulation_steps} micro-batches)")
 
   micro = batch_size // accumulation_steps
-  train_batches = _accumulated(_seqio_batches(mixture_or_task_name, task_feature_lengths, "train", micro, True, seed,
-                                              None, pack, use_cached), accumulation_steps)
+  if in_memory_data:
+    source = _in_memory_batches(mixture_or_task_name, task_feature_lengths, "train", micro, seed, pack, use_cached)
+  else:
+    source = _seqio_batches(mixture_or_task_name, task_feature_lengths, "train", micro, True, seed, None, pack,
+                            use_cached)
+  train_batches = _accumulated(source, accumulation_steps)
 
   def validation_loss() -> float:
     loss, tokens = 0.0, 0.0

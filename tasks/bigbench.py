@@ -32,6 +32,8 @@ BBH_TASKS = ("boolean_expressions", "causal_judgment", "date_understanding", "di
              "salient_translation_error_detection", "snarks", "sports_understanding", "temporal_sequences",
              "tracking_shuffled_objects", "web_of_lies", "word_sorting")
 ROUGE_TASKS = {"conlang_translation"}
+# BBH names whose BIG-bench folder is named differently.
+TASK_DIRS = {"formal_fallacies": "formal_fallacies_syllogisms_negation"}
 PROMPT_SUFFIX = "\nAnswer:"
 
 
@@ -42,10 +44,12 @@ class BigBenchError(ValueError):
 def _resource():
   from phatgoose_jax import resources
   prefix = "bigbench-1.0.0/bigbench/benchmark_tasks/"
-  globs = tuple(g for t in sorted(set(BBL_TASKS) | set(BBH_TASKS))
+  globs = tuple(g for t in sorted({TASK_DIRS.get(t, t) for t in set(BBL_TASKS) | set(BBH_TASKS)})
                 for g in (f"{prefix}{t}/task.json", f"{prefix}{t}/*/task.json"))
   return resources.Resource(
       name="bigbench", package="bigbench", version="1.0.0", files=(), member_globs=globs, member_strip=prefix,
+      download="index", archive_name="bigbench-1.0.0.tar.gz",
+      archive_sha256="1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
       description="the BIG-bench task files of the paper's BBL and BBH tasks (from the bigbench sdist, 358 MB)")
 
 
@@ -56,12 +60,13 @@ def fetch() -> Path:
 
 
 def task_files(directory: Path, task: str) -> list[tuple[str, Path]]:
-  """(subtask name, task.json) for a task: its own file, or one per subtask folder."""
-  root = Path(directory) / task
-  if (root / "task.json").is_file():
-    return [(task, root / "task.json")]
+  """(subtask name, task.json) for a task: one per subtask folder when it has subtasks (its own task.json
+  then only lists them), else its own file."""
+  root = Path(directory) / TASK_DIRS.get(task, task)
   subs = sorted((p.parent.name, p) for p in root.glob("*/task.json"))
-  return [(f"{task}:{name}", path) for name, path in subs]
+  if subs:
+    return [(f"{task}:{name}", path) for name, path in subs]
+  return [(task, root / "task.json")] if (root / "task.json").is_file() else []
 
 
 def read_task(path: Path) -> dict:

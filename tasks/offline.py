@@ -185,7 +185,7 @@ def corpus_sentence(rng: np.random.Generator) -> str:
   topic = [pseudo_word(rng) for _ in range(int(rng.integers(1, 4)))]
   topic = [w.upper() if rng.random() < 0.15 else (w.capitalize() if rng.random() < 0.15 else w) for w in topic]
   parts = []
-  for _ in range(int(rng.integers(8, 16))):
+  for _ in range(int(rng.integers(6, 11))):
     r = rng.random()
     if r < 0.35:
       parts.append(topic[int(rng.integers(len(topic)))])
@@ -228,7 +228,7 @@ def span_corruption(ids: list[int], rng: np.random.Generator, vocab_size: int, n
   return inputs, targets
 
 
-def pretraining_examples(seed: int, split: str, count: int, vocab, max_input_tokens: int = 64,
+def pretraining_examples(seed: int, split: str, count: int, vocab, max_input_tokens: int = 48,
                          reconstruct_fraction: float = 0.5) -> Iterator[dict]:
   """Span-corruption examples over corpus sentences, generated lazily. In `reconstruct_fraction` of them
   the target is the whole original sentence instead of only the dropped spans (BART/MASS-style
