@@ -8,7 +8,7 @@ is finished.
   output_dir/seed_<s>/multitask/         one LoRA on the union of held-in tasks (a non-post-hoc reference)
   output_dir/seed_<s>/routing/           Average-Activation vectors, the Retrieval index
   output_dir/seed_<s>/eval/<method>.json per-task metrics of each method
-  output_dir/results.json, results.csv, routing_usage.png, routing_tokens.png, routing_tokens.html
+  output_dir/results.json, results.csv, routing_usage.png, routing_tokens.png
 """
 
 from __future__ import annotations
