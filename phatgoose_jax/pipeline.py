@@ -271,6 +271,11 @@ class Pipeline:
       params = library.routed_model_params(base, stacked, vectors, check_base=False)
       results[method] = self._run_method(evaluation.ModelMethod(method, model, params), held_out,
                                          edir / f"{method}.json")
+      if method == "phatgoose" and cfg.evaluate_held_in:
+        # Does routing recover the skills the library has experts for? (held-in test splits)
+        results["_held_in_phatgoose"] = self._run_method(
+            evaluation.ModelMethod(method, model, params), list(cfg.held_in_tasks), edir / "held_in_phatgoose.json",
+            split="test")
 
     if "retrieval" in cfg.methods:
       index = self.retrieval_index(seed, names)
@@ -453,6 +458,7 @@ def aggregate(per_seed: dict[int, dict], tasks: list[str], methods: list[str]) -
         "per_task": {t: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v} for t, v in by_task.items()},
         "mean": {"mean": float(np.mean(means)), "std": float(np.std(means)), "values": means}}
   out["held_in_experts"] = {s: r.get("_held_in_experts", {}) for s, r in per_seed.items()}
+  out["held_in_phatgoose"] = {s: r.get("_held_in_phatgoose", {}) for s, r in per_seed.items()}
   out["per_seed"] = {s: {m: v for m, v in r.items() if not m.startswith("_")} for s, r in per_seed.items()}
   return out
 
