@@ -71,8 +71,13 @@ def _resolve_gin_file(path: str | Path) -> str:
 
 def parse_gin(gin_files: Sequence[str | Path] = (), bindings: Sequence[str] = ()) -> None:
   """Parses gin files then bindings (later wins), with errors that name the file or binding."""
-  if str(GIN_DIR) not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
-    gin.add_config_file_search_path(str(GIN_DIR))
+  prefixes = gin.config._LOCATION_PREFIXES  # pylint: disable=protected-access
+  if not prefixes or prefixes[0] != str(GIN_DIR):
+    # First, so that `include 'runs/x.gin'` is found as a file before gin's package-resource reader tries
+    # to import a Python package named `runs` (which a `runs/` output folder in the working directory is).
+    if str(GIN_DIR) in prefixes:
+      prefixes.remove(str(GIN_DIR))
+    prefixes.insert(0, str(GIN_DIR))
   for f in gin_files:
     resolved = _resolve_gin_file(f)
     try:

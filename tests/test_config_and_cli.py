@@ -62,7 +62,7 @@ def test_real_t5_vocabulary():
     pytest.skip(f"the T5 SentencePiece model could not be obtained from PyPI here: {e}")
   assert vocab.encode("Hello world") == [8774, 296]
   assert vocab.vocab_size == 32100 and vocab.eos_id == 1 and vocab.pad_id == 0
-  assert resources.sha256_of(resources.resource_path(resources.T5_SPIECE)) == resources.T5_SPIECE.sha256
+  assert resources.sha256_of(resources.resource_path(resources.T5_SPIECE)) == resources.T5_SPIECE.files[0][2]
 
 
 def test_byte_vocabulary():
