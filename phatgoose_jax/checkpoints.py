@@ -10,6 +10,7 @@ is either complete or absent. An existing checkpoint is never replaced unless as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,26 +54,35 @@ def publish_directory(tmp: Path, final: Path, overwrite: bool) -> None:
     os.rename(tmp, final)
 
 
+@contextlib.contextmanager
+def atomic_directory(final: str | Path, overwrite: bool = False):
+  """Yields a fresh temporary directory beside `final`; when the block ends it is renamed into place
+  (replacing `final` only with overwrite). On an error it is removed and `final` is untouched."""
+  final = Path(final).absolute()
+  if final.exists() and not overwrite:
+    raise FileExistsError(f"{final} already exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = temporary_sibling(final)
+  tmp.mkdir()
+  try:
+    yield tmp
+    publish_directory(tmp, final, overwrite)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
 def save_checkpoint(directory: str | Path, params: PyTree, config: T5Config, metadata: Mapping[str, Any] | None = None,
                     overwrite: bool = False) -> Path:
   """Writes params (any sharding; gathered by orbax) and config to `directory`, atomically."""
   ocp = _orbax()
   directory = Path(directory).absolute()
-  if directory.exists() and not overwrite:
-    raise FileExistsError(f"{directory} already exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  tmp = temporary_sibling(directory)
-  try:
-    tmp.mkdir()
+  with atomic_directory(directory, overwrite) as tmp:
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / PARAMS_DIR, params)
     checkpointer.wait_until_finished()
     description = {"format": FORMAT, "model_config": config.to_dict(), **dict(metadata or {})}
     (tmp / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
-    publish_directory(tmp, directory, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return directory
 
 

@@ -132,20 +132,11 @@ def save_expert(expert: Expert, directory: str | Path, overwrite: bool = False) 
 
   expert.check()
   directory = Path(directory).absolute()
-  if directory.exists() and not overwrite:
-    raise FileExistsError(f"{directory} already exists; refusing to overwrite it")
-  directory.parent.mkdir(parents=True, exist_ok=True)
   if not expert.created:
     expert.created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-  tmp = checkpoints.temporary_sibling(directory)
-  try:
-    tmp.mkdir()
+  with checkpoints.atomic_directory(directory, overwrite) as tmp:
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in expert.tensors.items()}, str(tmp / TENSORS_FILE))
     (tmp / METADATA_FILE).write_text(json.dumps(expert.metadata(), indent=2, sort_keys=True) + "\n")
-    checkpoints.publish_directory(tmp, directory, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return directory
 
 

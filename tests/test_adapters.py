@@ -11,6 +11,7 @@ from phatgoose_jax import adapters, library
 from phatgoose_jax.adapters import AdapterConfig
 from phatgoose_jax.model import EncoderDecoderModel
 from phatgoose_jax.network import Transformer
+from helpers import assert_decoding_matches_teacher_forcing
 
 RANK = 4
 
@@ -131,20 +132,7 @@ def test_routed_model_kernels_agree_and_decode_matches_teacher_forcing(tiny_mode
 
   # Incremental decoding (self-attention sites per position, cross-attention k/v routed once) equals
   # the teacher-forced pass.
-  module = routed.module
-  enc, dec_in, tgt = (padded_batch[k] for k in ("encoder_input_tokens", "decoder_input_tokens",
-                                                "decoder_target_tokens"))
-  cache = jax.jit(routed._init_cache, static_argnums=(1, 2))(routed_params, enc.shape, tgt.shape)
-  encoded = jax.jit(lambda p, x: module.apply({"params": p}, x, enable_dropout=False, method=module.encode))(
-      routed_params, enc)
-  step = jax.jit(lambda cache, ids: module.apply({"params": routed_params, "cache": cache}, encoded, enc, ids, ids,
-                                                 enable_dropout=False, decode=True, max_decode_length=tgt.shape[1],
-                                                 mutable=["cache"], method=module.decode))
-  for i in range(tgt.shape[1]):
-    logits, variables = step(cache, dec_in[:, i:i + 1])
-    cache = variables["cache"]
-    rows = tgt[:, i] > 0
-    np.testing.assert_allclose(np.asarray(logits)[rows, 0], outs["grouped"][rows, i], atol=2e-5, err_msg=f"step {i}")
+  assert_decoding_matches_teacher_forcing(routed, routed_params, padded_batch, outs["grouped"])
 
 
 def test_routing_record(tiny_model, experts, padded_batch):

@@ -11,6 +11,7 @@ from phatgoose_jax import layers
 from phatgoose_jax.config import model_size_config
 from phatgoose_jax.model import EncoderDecoderModel
 from phatgoose_jax.network import Transformer
+from helpers import assert_decoding_matches_teacher_forcing
 
 
 def t5x_xl_table():
@@ -122,26 +123,7 @@ def test_dropout_only_with_rng(tiny_model, padded_batch):
 def test_incremental_decoding_equals_teacher_forcing(tiny_model, padded_batch):
   """Step-by-step logits from the KV cache (self and cross attention, relpos row) equal one full pass."""
   model, params = tiny_model
-  module = model.module
-  enc, dec_in, tgt = (padded_batch[k] for k in ("encoder_input_tokens", "decoder_input_tokens",
-                                                "decoder_target_tokens"))
-  full = np.asarray(model.jit_logits(params, padded_batch))
-  cache = jax.jit(model._init_cache, static_argnums=(1, 2))(params, enc.shape, tgt.shape)
-  flat = flax.traverse_util.flatten_dict(cache)
-  for path, leaf in flat.items():  # T5X's contract: leading batch dim on every entry but cache_index
-    if path[-1] == "cache_index":
-      assert leaf.shape == (), path
-    else:
-      assert leaf.shape[0] == enc.shape[0], path
-  encoded = jax.jit(lambda p, x: module.apply({"params": p}, x, enable_dropout=False, method=module.encode))(params, enc)
-  step = jax.jit(lambda cache, ids: module.apply({"params": params, "cache": cache}, encoded, enc, ids, ids,
-                                                 enable_dropout=False, decode=True, max_decode_length=tgt.shape[1],
-                                                 mutable=["cache"], method=module.decode))
-  for i in range(tgt.shape[1]):
-    logits, variables = step(cache, dec_in[:, i:i + 1])
-    cache = variables["cache"]
-    rows = tgt[:, i] > 0
-    np.testing.assert_allclose(np.asarray(logits)[rows, 0], full[rows, i], atol=2e-5, err_msg=f"step {i}")
+  assert_decoding_matches_teacher_forcing(model, params, padded_batch, model.jit_logits(params, padded_batch))
 
 
 def test_bad_shapes_are_refused(tiny_model):
