@@ -3,8 +3,8 @@
 Data: JSON-lines exports of the Hugging Face datasets (field names as in HF, which the templates use), at
 `<data_dir>/<dataset>[__<subset>]/<split>.jsonl`; e.g. `datasets.load_dataset("super_glue", "rte")
 ["validation"].to_json("data/t0/super_glue__rte/validation.jsonl")`. Nothing is downloaded here.
-Templates: promptsource's YAML files (`python -m phatgoose_tasks.t0` extracts them from the PyPI wheel
-`promptsource==0.2.3`, obtained with `pip download --no-deps`), rendered with Jinja2 the way promptsource
+Templates: promptsource's YAML files (`python -m phatgoose_tasks.t0` extracts them from the PyPI sdist
+`promptsource==0.2.3`, taken from the index and checked against its sha256), rendered with Jinja2 the way promptsource
 does: the template renders to "input ||| target", answer choices to "a ||| b ||| ...".
 
 Registered: per held-in expert, a training task over all its datasets' templates (`t0_train_<expert>`);
@@ -261,10 +261,14 @@ def register(data_dir: str | Path = "data/t0", templates_dir: str | Path = "data
 
 def _templates_resource():
   from phatgoose_jax import resources
+  prefix = "promptsource-0.2.3/promptsource/templates/"
+  # pip refuses this sdist on Python >= 3.10 (Requires-Python), so it is taken from the index directly.
   return resources.Resource(
       name="promptsource_templates", package="promptsource", version="0.2.3", files=(),
-      member_globs=("promptsource/templates/*/templates.yaml", "promptsource/templates/*/*/templates.yaml"),
-      member_strip="promptsource/templates/", description="promptsource's prompt templates (YAML only)")
+      member_globs=(prefix + "*/templates.yaml", prefix + "*/*/templates.yaml"), member_strip=prefix,
+      download="index", archive_name="promptsource-0.2.3.tar.gz",
+      archive_sha256="f106c889778a0fe5590e7183904bf964e1a01691c8a29451e44f3df5ddef05f5",
+      description="promptsource's prompt templates (YAML only)")
 
 
 def fetch_templates() -> Path:
