@@ -57,18 +57,33 @@ def publish_directory(tmp: Path, final: Path, overwrite: bool) -> None:
 @contextlib.contextmanager
 def atomic_directory(final: str | Path, overwrite: bool = False):
   """Yields a fresh temporary directory beside `final`; when the block ends it is renamed into place
-  (replacing `final` only with overwrite). On an error it is removed and `final` is untouched."""
+  (replacing `final` only with overwrite). On an error it is removed and `final` is untouched.
+
+  With several hosts, all of them write into the same temporary directory (orbax coordinates its own
+  writes) and the first host publishes it once every host is done.
+  """
+  from phatgoose_jax import distributed
+
   final = Path(final).absolute()
   if final.exists() and not overwrite:
     raise FileExistsError(f"{final} already exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = temporary_sibling(final)
-  tmp.mkdir()
+  multihost = jax.process_count() > 1
+  tmp = final.parent / f".{final.name}.tmp-multihost" if multihost else temporary_sibling(final)
+  if distributed.is_leader():
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if multihost:
+      shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted earlier save
+    tmp.mkdir()
+  distributed.barrier(f"mkdir {tmp}")
   try:
     yield tmp
-    publish_directory(tmp, final, overwrite)
+    distributed.barrier(f"written {tmp}")
+    if distributed.is_leader():
+      publish_directory(tmp, final, overwrite)
+    distributed.barrier(f"published {final}")
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if distributed.is_leader():
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
 
 
@@ -81,8 +96,9 @@ def save_checkpoint(directory: str | Path, params: PyTree, config: T5Config, met
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(tmp / PARAMS_DIR, params)
     checkpointer.wait_until_finished()
-    description = {"format": FORMAT, "model_config": config.to_dict(), **dict(metadata or {})}
-    (tmp / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+    if jax.process_index() == 0:
+      description = {"format": FORMAT, "model_config": config.to_dict(), **dict(metadata or {})}
+      (tmp / CONFIG_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
   return directory
 
 

@@ -216,6 +216,16 @@ def _forbid_gin(gin_files, bindings, why: str) -> None:
     raise gin_utils.GinConfigError(f"gin flags are not used here: {why}")
 
 
+def _maybe_initialize_distributed(bindings) -> None:
+  """`--gin.initialize_distributed.*` flags join a multi-host job before anything touches a device."""
+  flags = [b for b in bindings if b.startswith("initialize_distributed.")]
+  if flags:
+    from phatgoose_jax import distributed
+    with gin_utils.isolated_gin_config():
+      gin_utils.parse_gin([], flags)
+      distributed.initialize_distributed()
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="phatgoose", description="PHATGOOSE in JAX/Flax: T5X-compatible T5 with "
                                    "recycled LoRA experts and per-token routing.")
@@ -241,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   gin_files = list(getattr(args, "gin_file", [])) + gin_files
   _, fn, _ = _COMMANDS[args.command]
   try:
+    _maybe_initialize_distributed(bindings)
     return fn(args, gin_files, bindings)
   except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:  # a message, not a traceback
     print(f"phatgoose {args.command}: error: {e}", file=sys.stderr)

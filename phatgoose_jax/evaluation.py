@@ -256,17 +256,29 @@ def decode_prediction(tokens, vocabulary) -> str:
 
 @dataclasses.dataclass
 class ModelMethod:
-  """A model and its parameters as an evaluation method (jitted scoring and greedy decoding)."""
+  """A model and its parameters as an evaluation method (jitted scoring and greedy decoding); sharded
+  over the partitioner's mesh when one is given (the batch size must then divide over its data axes)."""
   name: str
   model: Any
   params: Any
+  partitioner: Any = None
+
+  def __post_init__(self):
+    self._sharded = None
+    if self.partitioner is not None:
+      from phatgoose_jax import partitioning
+      self._sharded = partitioning.ShardedModel.of(self.model, self.partitioner).with_params(self.params)
 
   def score(self, batch, rows) -> np.ndarray:
     del rows
+    if self._sharded is not None:
+      return np.asarray(self._sharded.score(batch)["sum"])
     return np.asarray(self.model.jit_score(self.params, batch)["sum"])
 
   def predict(self, batch, rows, max_decode_length: int) -> np.ndarray:
     del rows
+    if self._sharded is not None:
+      return np.asarray(self._sharded.predict(batch, max_decode_length)[0])
     return np.asarray(self.model.jit_predict(self.params, batch, max_decode_length=max_decode_length)[0])
 
 

@@ -85,6 +85,8 @@ class PipelineConfig:
   eval_batch_size: int = 64
   max_eval_examples: int | None = None
   average_activation_examples: int = 100
+  # Sharding of training and evaluation (gin/partitioning/*.gin binds it); None: one device.
+  partitioner: Any = None
   retrieval_examples: int = 100
   evaluate_held_in: bool = True
   # Compiled XLA programs are kept here, so the identical train steps of every expert (and reruns)
@@ -148,7 +150,8 @@ class Pipeline:
                      task_feature_lengths=cfg.pretrain_feature_lengths, train_steps=cfg.pretrain_steps,
                      batch_size=cfg.pretrain_batch_size, model_config=cfg.model_config, dropout_rate=0.0,
                      learning_rate=cfg.pretrain_learning_rate, warmup_ratio=0.02, eval_period=0, seed=0,
-                     log_period=max(1, cfg.pretrain_steps // 10), pack=cfg.pack, in_memory_data=cfg.in_memory_data)
+                     log_period=max(1, cfg.pretrain_steps // 10), pack=cfg.pack, in_memory_data=cfg.in_memory_data,
+                     partitioner=cfg.partitioner)
     return run / "checkpoint"
 
   def _train(self, stage: str, run: Path, task: str, steps: int, seed: int, **kwargs) -> Path:
@@ -158,7 +161,8 @@ class Pipeline:
                      train_steps=steps, batch_size=cfg.batch_size, accumulation_steps=cfg.accumulation_steps,
                      initial_checkpoint_path=str(self.base_checkpoint()), dropout_rate=cfg.dropout_rate,
                      learning_rate=cfg.learning_rate, eval_period=cfg.eval_period, eval_steps=4, seed=seed,
-                     log_period=max(1, steps // 4), pack=cfg.pack, in_memory_data=cfg.in_memory_data, **kwargs)
+                     log_period=max(1, steps // 4), pack=cfg.pack, in_memory_data=cfg.in_memory_data,
+                     partitioner=cfg.partitioner, **kwargs)
     return run / "expert"
 
   def train_experts(self, seed: int) -> library.ExpertLibrary:
@@ -192,6 +196,9 @@ class Pipeline:
     if key not in self._tasks:
       self._tasks[key] = evaluation.load_task(name, split or self.cfg.eval_split, self.cfg.max_eval_examples)
     return self._tasks[key]
+
+  def _method(self, name: str, model, params) -> evaluation.ModelMethod:
+    return evaluation.ModelMethod(name, model, params, partitioner=self.cfg.partitioner)
 
   def _run_method(self, method, tasks: Sequence[str], result_file: Path, split: str | None = None) -> dict:
     if result_file.is_file():
@@ -239,18 +246,18 @@ class Pipeline:
       zero_params = lora_params({f"{s}/{p}": (np.zeros_like(getattr(stacked, p)[s][0]) if p == "lora_b" else
                                               getattr(stacked, p)[s][0]) for s in stacked.sites
                                  for p in library.LORA_PARAMS})
-      results["base"] = self._run_method(evaluation.ModelMethod("base", lora, zero_params), held_out, edir / "base.json")
+      results["base"] = self._run_method(self._method("base", lora, zero_params), held_out, edir / "base.json")
 
     singles = {}
     if {"oracle", "best_individual"} & set(cfg.methods):
       for e, name in enumerate(names):
-        singles[name] = self._run_method(evaluation.ModelMethod(f"expert:{name}", lora, expert_params(e)), held_out,
+        singles[name] = self._run_method(self._method(f"expert:{name}", lora, expert_params(e)), held_out,
                                          edir / f"expert_{name}.json")
       results.update(oracle_and_best_individual(singles, held_out, cfg.methods))
     if cfg.evaluate_held_in:
       held_in = {}
       for e, (name, task) in enumerate(zip(names, cfg.held_in_tasks)):
-        held_in[name] = self._run_method(evaluation.ModelMethod(f"expert:{name}", lora, expert_params(e)), [task],
+        held_in[name] = self._run_method(self._method(f"expert:{name}", lora, expert_params(e)), [task],
                                          edir / f"held_in_{name}.json", split="test")
       results["_held_in_experts"] = {n: r for name, r in held_in.items() for n, r in r.items()}
 
@@ -269,12 +276,12 @@ class Pipeline:
                                               router=router, router_vectors=vectors)
       model, _ = models[router]
       params = library.routed_model_params(base, stacked, vectors, check_base=False)
-      results[method] = self._run_method(evaluation.ModelMethod(method, model, params), held_out,
+      results[method] = self._run_method(self._method(method, model, params), held_out,
                                          edir / f"{method}.json")
       if method == "phatgoose" and cfg.evaluate_held_in:
         # Does routing recover the skills the library has experts for? (held-in test splits)
         results["_held_in_phatgoose"] = self._run_method(
-            evaluation.ModelMethod(method, model, params), list(cfg.held_in_tasks), edir / "held_in_phatgoose.json",
+            self._method(method, model, params), list(cfg.held_in_tasks), edir / "held_in_phatgoose.json",
             split="test")
 
     if "retrieval" in cfg.methods:
@@ -285,11 +292,11 @@ class Pipeline:
       flat, merged_cfg = routers.merged_lora(stacked)
       merged = EncoderDecoderModel(Transformer(config, merged_cfg))
       results["merged"] = self._run_method(
-          evaluation.ModelMethod("merged", merged, adapters.unflatten({**base_flat, **flat})), held_out,
+          self._method("merged", merged, adapters.unflatten({**base_flat, **flat})), held_out,
           edir / "merged.json")
     if "multitask" in cfg.methods and multitask_dir is not None:
       mt = library.load_expert(multitask_dir)
-      results["multitask"] = self._run_method(evaluation.ModelMethod("multitask", lora, lora_params(mt.tensors)),
+      results["multitask"] = self._run_method(self._method("multitask", lora, lora_params(mt.tensors)),
                                               held_out, edir / "multitask.json")
     if "phatgoose" in cfg.methods and seed == 0:
       self.routing_plots(config, base, stacked)

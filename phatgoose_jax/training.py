@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from phatgoose_jax import adapters, checkpoints, gin_utils, library
+from phatgoose_jax import adapters, checkpoints, distributed, gin_utils, library
 from phatgoose_jax.adapters import AdapterConfig
 from phatgoose_jax.config import T5Config
 from phatgoose_jax.model import EncoderDecoderModel, weighted_cross_entropy
@@ -84,19 +84,59 @@ def split_trainable(params, trainable_regex: str) -> tuple[dict, dict]:
 
 
 class Trainer:
-  """Compiles one train step and one eval step for a model and a trainable/frozen split."""
+  """Compiles one train step and one eval step for a model and a trainable/frozen split.
 
-  def __init__(self, model: EncoderDecoderModel, tx: optax.GradientTransformation, schedule: optax.Schedule):
+  With a partitioner, parameters and optimizer state are placed by their logical axes (the optimizer's
+  moments like their parameters), batches [accumulation, micro_batch, length] split over the data axes,
+  and the steps are jitted with those in/out shardings (the train state is donated).
+  """
+
+  def __init__(self, model: EncoderDecoderModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
+               partitioner=None):
     self.model = model
     self.tx = tx
     self.schedule = schedule
-    self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
-    self.eval_step = jax.jit(self._eval_step)
+    self.partitioner = partitioner
+    self._flat_shardings = None
+    if partitioner is None:
+      self.train_step = jax.jit(self._train_step, donate_argnums=(0,))
+      self.eval_step = jax.jit(self._eval_step)
+
+  def _param_sharding(self, key: str):
+    if self._flat_shardings is None:
+      tokens = jnp.ones((1, 1), jnp.int32)
+      shapes = jax.eval_shape(lambda: self.model.module.init(jax.random.PRNGKey(0), tokens, tokens, tokens,
+                                                             enable_dropout=False))
+      shardings = self.partitioner.param_shardings(shapes["params_axes"], shapes["params"])
+      self._flat_shardings = adapters.flatten(shardings)
+    return self._flat_shardings[key]
+
+  def shardings_of(self, state: TrainState, frozen: Mapping[str, jax.Array]):
+    """(state shardings, frozen shardings) for a sharded trainer."""
+    replicated = self.partitioner.replicated()
+    trainable = {k: self._param_sharding(k) for k in state.trainable}
+    opt = optax.tree_map_params(self.tx, lambda _, sharding: sharding, state.opt_state, trainable,
+                                transform_non_params=lambda _: replicated)
+    state_shardings = TrainState(step=replicated, trainable=trainable, opt_state=opt, rng=replicated)
+    return state_shardings, {k: self._param_sharding(k) for k in frozen}
 
   def init_state(self, trainable: Mapping[str, jax.Array], seed: int) -> TrainState:
-    trainable = {k: jnp.asarray(v, jnp.float32) for k, v in trainable.items()}
+    # A copy: the train step donates its state, which must not delete the caller's arrays.
+    trainable = {k: jnp.array(v, jnp.float32, copy=True) for k, v in trainable.items()}
     return TrainState(step=jnp.array(0, jnp.int32), trainable=trainable, opt_state=self.tx.init(trainable),
                       rng=jax.random.PRNGKey(seed))
+
+  def shard(self, state: TrainState, frozen: Mapping[str, jax.Array], batch_shape: tuple[int, ...]):
+    """Places state and frozen leaves on the mesh and compiles the sharded steps; returns them placed."""
+    p = self.partitioner
+    state_shardings, frozen_shardings = self.shardings_of(state, frozen)
+    batch_sharding = p.batch_sharding(batch_shape, batch_dim=1, what="training batch")
+    metric_sharding = p.replicated()
+    self.train_step = p.jit(self._train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+                            out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
+    eval_batch = p.batch_sharding(batch_shape[1:], batch_dim=0, what="evaluation batch")
+    self.eval_step = p.jit(self._eval_step, in_shardings=(state_shardings.trainable, frozen_shardings, eval_batch))
+    return p.place(state, state_shardings), p.place(dict(frozen), frozen_shardings)
 
   def _token_loss(self, trainable, frozen, batch, dropout_rng):
     params = adapters.unflatten({**frozen, **trainable})
@@ -143,9 +183,11 @@ def _seqio_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str,
   import seqio
   import tensorflow as tf
   tf.config.set_visible_devices([], "GPU")  # TF only feeds data (as in T5X)
+  # With several hosts each reads its own shard of the data (seqio's shard_info).
   return seqio.get_dataset(mixture_or_task_name, task_feature_lengths=dict(task_feature_lengths),
                            feature_converter=seqio.EncDecFeatureConverter(pack=pack), dataset_split=split,
-                           use_cached=use_cached, shuffle=shuffle, num_epochs=num_epochs, seed=seed)
+                           use_cached=use_cached, shuffle=shuffle, num_epochs=num_epochs, seed=seed,
+                           shard_info=distributed.shard_info())
 
 
 def _seqio_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int], split: str, batch_size: int,
@@ -252,7 +294,7 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
           dropout_rate: float | None = 0.1, eval_period: int = 100, eval_steps: int | None = 20,
           validation_split: str = "validation", log_period: int = 10, seed: int = 42, pack: bool = True,
           use_cached: bool = False, expert_name: str | None = None, overwrite: bool = False,
-          mixture_or_task_module: str | None = None, in_memory_data: bool = False,
+          mixture_or_task_module: str | None = None, in_memory_data: bool = False, partitioner=None,
           learning_rate: float = 5e-3, warmup_ratio: float = 0.06, weight_decay: float = 0.0,
           max_grad_norm: float = 1.0) -> dict:
   """Trains one stage and writes its result into model_dir. Returns a summary dict.
@@ -262,6 +304,8 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
   validation_split; the parameters with the lowest validation loss are what the run writes.
   in_memory_data: preprocess each task's training split once and sample batches from memory (fast for
   small data); otherwise stream from seqio.
+  partitioner: a partitioning.Partitioner to train sharded over its mesh (gin/partitioning/*.gin); with
+  several hosts each reads batch_size / process_count sequences per step.
   """
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
@@ -317,15 +361,24 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
   trainable, frozen = split_trainable(params, trainable_regex)
   tx, schedule = make_optimizer(train_steps, learning_rate=learning_rate, warmup_ratio=warmup_ratio,
                                 weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-  trainer = Trainer(model, tx, schedule)
+  trainer = Trainer(model, tx, schedule, partitioner=partitioner)
   state = trainer.init_state(trainable, seed)
   frozen = {k: jnp.asarray(v) for k, v in frozen.items()}
+  hosts = jax.process_count()
+  if batch_size % (accumulation_steps * hosts):
+    raise ValueError(f"BATCH_SIZE={batch_size} does not split into {accumulation_steps} micro-batches on {hosts} hosts")
+  if partitioner is not None:
+    state, frozen = trainer.shard(state, frozen, (accumulation_steps, batch_size // accumulation_steps, 1))
+    to_device = lambda b, dim: partitioner.shard_batch(b, batch_dim=dim)
+    _log(f"[{stage}] sharded over mesh {dict(partitioner.mesh.shape)} on {jax.process_count()} host(s)")
+  else:
+    to_device = lambda b, dim: b
   n_train = sum(v.size for v in trainable.values())
   n_frozen = sum(v.size for v in frozen.values())
   _log(f"[{stage}] {mixture_or_task_name}: training {n_train:,} parameters ({len(trainable)} tensors), "
        f"{n_frozen:,} frozen; {train_steps} steps x {batch_size} sequences ({accumulation_steps} micro-batches)")
 
-  micro = batch_size // accumulation_steps
+  micro = batch_size // accumulation_steps // hosts  # this host's rows of each micro-batch
   if in_memory_data:
     source = _in_memory_batches(mixture_or_task_name, task_feature_lengths, "train", micro, seed, pack, use_cached)
   else:
@@ -340,7 +393,7 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
     for i, batch in enumerate(batches):
       if eval_steps is not None and i >= eval_steps:
         break
-      l, t = trainer.eval_step(state.trainable, frozen, batch)
+      l, t = trainer.eval_step(state.trainable, frozen, to_device(batch, 0))
       loss, tokens = loss + float(l), tokens + float(t)
     if tokens == 0:
       raise ValueError(f"the {validation_split!r} split of {mixture_or_task_name} is empty")
@@ -352,7 +405,7 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
     val = validation_loss()
     _log(f"[{stage}] step 0: validation loss {val:.4f}")
     log_file.write(json.dumps({"step": 0, "validation_loss": val}) + "\n")
-    best = {"loss": val, "step": 0, "trainable": jax.tree_util.tree_map(np.asarray, state.trainable)}
+    best = {"loss": val, "step": 0, "trainable": distributed.to_host(state.trainable)}
   start = time.time()
   step_times = []
   for step in range(1, train_steps + 1):
@@ -361,7 +414,7 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
     except StopIteration:
       raise ValueError(f"{mixture_or_task_name} yielded no training batch of {micro} sequences") from None
     t0 = time.time()
-    state, metrics = trainer.train_step(state, frozen, batch)
+    state, metrics = trainer.train_step(state, frozen, to_device(batch, 1))
     record = {"step": step}
     if step % log_period == 0 or step == train_steps:
       metrics = {k: float(v) for k, v in metrics.items()}
@@ -376,14 +429,14 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
       record["validation_loss"] = val
       _log(f"[{stage}] step {step}: validation loss {val:.4f}{' (best so far)' if val < best['loss'] else ''}")
       if val < best["loss"]:
-        best = {"loss": val, "step": step, "trainable": jax.tree_util.tree_map(np.asarray, state.trainable)}
+        best = {"loss": val, "step": step, "trainable": distributed.to_host(state.trainable)}
     if len(record) > 1:
       log_file.write(json.dumps(record) + "\n")
       log_file.flush()
   log_file.close()
   if best["trainable"] is None:  # no validation: keep the last parameters
-    best = {"loss": None, "step": train_steps, "trainable": jax.tree_util.tree_map(np.asarray, state.trainable)}
-  final_params = adapters.unflatten({**{k: np.asarray(v) for k, v in frozen.items()}, **best["trainable"]})
+    best = {"loss": None, "step": train_steps, "trainable": distributed.to_host(state.trainable)}
+  final_params = adapters.unflatten({**distributed.to_host(frozen), **best["trainable"]})
 
   summary = {"stage": stage, "steps": train_steps, "best_step": best["step"], "validation_loss": best["loss"],
              "seconds": time.time() - start}

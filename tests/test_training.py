@@ -112,11 +112,14 @@ def test_refusals(train_tasks, byte_base_checkpoint, tmp_path):
 
 
 def test_cli_train_expert_with_gin(train_tasks, byte_base_checkpoint, tmp_path, capsys):
-  args = ["train-expert", "--gin_file=runs/train_expert.gin", f"--gin.MODEL_DIR='{tmp_path / 'cli'}'",
+  # Sharded through gin/partitioning (a 1x1 mesh here; tests/test_sharding.py runs 8 devices).
+  args = ["train-expert", "--gin_file=runs/train_expert.gin", "--gin_file=partitioning/data_parallel.gin",
+          f"--gin.MODEL_DIR='{tmp_path / 'cli'}'",
           f"--gin.MIXTURE_OR_TASK_NAME='{train_tasks[1]}'", f"--gin.INITIAL_CHECKPOINT_PATH='{byte_base_checkpoint}'",
           "--gin.TASK_FEATURE_LENGTHS={'inputs': 8, 'targets': 8}", "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8",
           "--gin.ACCUMULATION_STEPS=1", "--gin.EVAL_PERIOD=0", "--gin.AdapterConfig.rank=2"]
   assert cli.main(args) == 0
+  assert "sharded over mesh {'data': 1, 'model': 1}" in capsys.readouterr().err
   expert = library.load_expert(tmp_path / "cli" / "expert")
   assert expert.rank == 2 and expert.task == train_tasks[1] and expert.scale == 0.5
   capsys.readouterr()
