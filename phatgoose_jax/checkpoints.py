@@ -151,3 +151,88 @@ def load_checkpoint(directory: str | Path, shardings: PyTree | None = None,
     raise ValueError(f"cannot restore the parameters in {directory / PARAMS_DIR} (corrupt or truncated, or not "
                      f"saved from this model config): {type(e).__name__}: {e}") from e
   return config, params
+
+
+# ---------------------------------------------------------------------------------------------
+# Training checkpoints (resume): everything a run needs to continue bit for bit
+# ---------------------------------------------------------------------------------------------
+#
+# <model_dir>/checkpoints/step_00000040/
+#   state/       orbax PyTree: {"state": the train state (step, trainable, optimizer state, RNG),
+#                               "best": the best parameters so far (present when "has_best")}
+#   meta.json    {"format", "step", "batches_consumed", "best_loss", "best_step", "has_best"}
+# Each is written under a temporary name and renamed into place (complete or absent); the newest
+# `keep` are kept. Temporary directories left by a killed write are removed at the next start.
+
+TRAIN_FORMAT = "phatgoose_jax.train_state.v1"
+TRAIN_CHECKPOINTS_DIR = "checkpoints"
+_STEP_PREFIX = "step_"
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+  out = []
+  for p in root.iterdir() if root.is_dir() else ():
+    if p.name.startswith(_STEP_PREFIX) and p.name[len(_STEP_PREFIX):].isdigit() and (p / "meta.json").is_file():
+      out.append((int(p.name[len(_STEP_PREFIX):]), p))
+  return sorted(out)
+
+
+def save_train_checkpoint(root: str | Path, step: int, state: PyTree, best: PyTree | None, meta: Mapping[str, Any],
+                          keep: int = 2) -> Path:
+  """Writes the train state of `step` atomically and prunes all but the newest `keep` checkpoints."""
+  ocp = _orbax()
+  root = Path(root)
+  final = root / f"{_STEP_PREFIX}{step:08d}"
+  tree = {"state": state, **({"best": best} if best is not None else {})}
+  with atomic_directory(final, overwrite=True) as tmp:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp / "state", tree)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+      description = {"format": TRAIN_FORMAT, "step": step, "has_best": best is not None, **dict(meta)}
+      (tmp / "meta.json").write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+  if jax.process_index() == 0:
+    for _, old in _step_dirs(root)[:-keep]:
+      shutil.rmtree(old, ignore_errors=True)
+  return final
+
+
+def latest_train_checkpoint(root: str | Path) -> Path | None:
+  """The newest complete training checkpoint under root (None if there is none). Removes temporary
+  directories that a killed write left behind."""
+  root = Path(root)
+  if not root.is_dir():
+    return None
+  if jax.process_index() == 0:
+    for p in root.iterdir():
+      if p.name.startswith(".") and ".tmp-" in p.name:
+        shutil.rmtree(p, ignore_errors=True)
+  steps = _step_dirs(root)
+  return steps[-1][1] if steps else None
+
+
+def restore_train_checkpoint(directory: str | Path, state_target: PyTree, best_target: PyTree | None
+                             ) -> tuple[PyTree, PyTree | None, dict]:
+  """(state, best or None, meta) restored into the structure, dtypes and shardings of the targets."""
+  ocp = _orbax()
+  directory = Path(directory).absolute()
+  meta_file = directory / "meta.json"
+  try:
+    meta = json.loads(meta_file.read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{meta_file} is unreadable or corrupt: {e}") from e
+  if meta.get("format") != TRAIN_FORMAT:
+    raise ValueError(f"{meta_file}: format {meta.get('format')!r} is not {TRAIN_FORMAT!r}")
+  as_abstract = lambda tree: jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree)
+  target = {"state": as_abstract(state_target)}
+  if meta["has_best"]:
+    if best_target is None:
+      raise ValueError(f"{directory}: holds best parameters but no target for them was given")
+    target["best"] = as_abstract(best_target)
+  try:
+    tree = ocp.StandardCheckpointer().restore(directory / "state", target)
+  except Exception as e:
+    raise ValueError(f"cannot restore the training checkpoint {directory} (corrupt or truncated, or written by a "
+                     f"different run configuration): {type(e).__name__}: {e}") from e
+  return tree["state"], tree.get("best"), meta

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,190 @@ def train_expert(args, gin_files, bindings) -> int:
 @_arguments(lambda p: (_add_gin_help(p), setattr(p, "epilog", _TRAIN_EPILOG.format("gate") + (p.epilog or ""))))
 def train_gate(args, gin_files, bindings) -> int:
   return _train("gate", gin_files, bindings)
+
+
+@command("pretrain", "train the whole base model (e.g. span corruption) from a size gin file or a checkpoint")
+@_arguments(lambda p: (_add_gin_help(p), setattr(p, "epilog", _TRAIN_EPILOG.format("pretrain") + (p.epilog or ""))))
+def pretrain(args, gin_files, bindings) -> int:
+  return _train("full", gin_files, bindings)
+
+
+@command("train-multitask", "train one LoRA on a mixture of tasks (the multitask baseline)")
+@_arguments(lambda p: (_add_gin_help(p), setattr(p, "epilog", _TRAIN_EPILOG.format("multitask") + (p.epilog or ""))))
+def train_multitask(args, gin_files, bindings) -> int:
+  return _train("expert", gin_files, bindings)
+
+
+def _base_and_library(checkpoint: str, library_dir: str | None):
+  import jax
+  import numpy as np
+  from phatgoose_jax import checkpoints, library
+  config, params = checkpoints.load_checkpoint(checkpoint)
+  params = jax.tree_util.tree_map(np.asarray, params)
+  return config, params, (library.ExpertLibrary(library_dir) if library_dir else None)
+
+
+def _register_tasks(module: str | None) -> None:
+  if module:
+    import importlib
+    importlib.import_module(module)
+
+
+def _feature_lengths(text: str) -> dict[str, int]:
+  try:
+    return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+  except ValueError:
+    raise ValueError(f"--feature_lengths {text!r}: expected inputs=N,targets=M") from None
+
+
+def _eval_arguments(p):
+  p.add_argument("--checkpoint", required=True, help="base model checkpoint (ours)")
+  p.add_argument("--library", default=None, help="expert library (for every method but base)")
+  p.add_argument("--method", default="phatgoose", help="base | phatgoose | arrow | merged | expert:NAME")
+  p.add_argument("--tasks", nargs="+", required=True, help="seqio tasks to evaluate")
+  p.add_argument("--split", default="validation")
+  p.add_argument("--tasks_module", default="phatgoose_tasks", help="module that registers the tasks")
+  p.add_argument("--top_k", type=int, default=2)
+  p.add_argument("--kernel", default="auto", help="routing kernel (dense, gather, grouped, blocked, auto)")
+  p.add_argument("--feature_lengths", default="inputs=512,targets=64")
+  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--max_examples", type=int, default=None)
+  p.add_argument("--output", default=None, help="JSON file for the metrics (refuses to overwrite)")
+  p.add_argument("--tensorboard", default=None, help="directory for TensorBoard summaries of the metrics")
+
+
+@command("eval", "evaluate one method (base, PHATGOOSE, Arrow, merged, one expert) on seqio tasks")
+@_arguments(_eval_arguments)
+def eval_command(args, gin_files, bindings) -> int:
+  import json
+  from phatgoose_jax import evaluation, pipeline, telemetry
+  _forbid_gin(gin_files, bindings, "eval takes its settings as flags")
+  if args.output:
+    _refuse_existing(args.output, False)
+  _register_tasks(args.tasks_module)
+  config, base, lib = _base_and_library(args.checkpoint, args.library)
+  method = pipeline.method_from_library(args.method, config, base, lib, top_k=args.top_k, kernel=args.kernel)
+  lengths = _feature_lengths(args.feature_lengths)
+  results = {}
+  for task in args.tasks:
+    data = evaluation.load_task(task, args.split, args.max_examples)
+    metrics, details = evaluation.evaluate_task(method, data, lengths, args.batch_size, progress=True)
+    results[task] = {**metrics, "num_examples": details["num_examples"], "truncated": details["truncated"]}
+  _print_table(("task", "metric", "value", "examples", "truncated"),
+               [(t, m, f"{v:.2f}", str(r["num_examples"]), str(r["truncated"])) for t, r in results.items()
+                for m, v in r.items() if m not in ("num_examples", "truncated")])
+  if args.output:
+    Path(args.output).write_text(json.dumps({"method": args.method, "split": args.split, "results": results}, indent=2) + "\n")
+  if args.tensorboard:
+    with telemetry.MetricWriter(args.tensorboard) as writer:
+      writer.write_scalars(0, {f"{args.method}/{t}/{m}": v for t, r in results.items() for m, v in r.items()})
+  return 0
+
+
+def _analyze_arguments(p):
+  p.add_argument("--checkpoint", required=True, help="base model checkpoint (ours)")
+  p.add_argument("--library", required=True, help="expert library")
+  p.add_argument("--task", required=True, help="seqio task whose examples are routed")
+  p.add_argument("--split", default="validation")
+  p.add_argument("--tasks_module", default="phatgoose_tasks")
+  p.add_argument("--output_dir", required=True, help="where the PNG, HTML and CSV files go (must be new or empty)")
+  p.add_argument("--oracle_expert", default=None, help="the library's expert for this task, to measure agreement")
+  p.add_argument("--top_k", type=int, default=2)
+  p.add_argument("--max_examples", type=int, default=64)
+  p.add_argument("--feature_lengths", default="inputs=512,targets=64")
+
+
+@command("analyze-routing", "what PHATGOOSE's router does on a task: usage heatmap, per-token routing, entropy, CSV")
+@_arguments(_analyze_arguments)
+def analyze_routing(args, gin_files, bindings) -> int:
+  from phatgoose_jax import analysis, evaluation, library
+  _forbid_gin(gin_files, bindings, "analyze-routing takes its settings as flags")
+  out = Path(args.output_dir)
+  if out.exists() and any(out.iterdir()):
+    raise FileExistsError(f"{out} is not empty; choose a new --output_dir")
+  _register_tasks(args.tasks_module)
+  config, base, lib = _base_and_library(args.checkpoint, args.library)
+  stacked = lib.stack()
+  model, params = library.routed_model(config, base, stacked, top_k=args.top_k, record_routing=True)
+  task = evaluation.load_task(args.task, args.split, args.max_examples)
+  summary = analysis.analyze_routing(model, params, stacked.names, task, _feature_lengths(args.feature_lengths), out,
+                                     oracle_expert=args.oracle_expert)
+  print(f"routing of {summary['examples']} examples of {args.task} over {summary['sites']} sites -> {out} "
+        f"(usage.csv, sites.csv, routing_usage.png, routing_tokens.png, routing.html)")
+  print(f"mean usage entropy {summary['mean_usage_entropy_bits']:.2f} bits"
+        + (f"; oracle expert in top-{summary['top_k']}: {summary['oracle_in_top_k']:.1%}, top-1: "
+           f"{summary['oracle_top_1']:.1%}" if "oracle_expert" in summary else ""))
+  return 0
+
+
+def _import_peft_arguments(p):
+  p.add_argument("adapter", help="PEFT LoRA directory (adapter_config.json + adapter_model.safetensors or .bin)")
+  p.add_argument("--base", required=True, help="our checkpoint of the base model the adapter was trained on")
+  p.add_argument("--name", required=True, help="the expert's name")
+  p.add_argument("--task", default=None, help="the task it was trained on (for the record)")
+  p.add_argument("--output", default=None, help="write the expert to this directory")
+  p.add_argument("--library", default=None, help="add the expert to this library (it needs gates: see train-gate)")
+  p.add_argument("--pad_rank", action="store_true", help="zero-pad a lower-rank adapter to the library's rank")
+
+
+@command("import-peft", "import a Hugging Face PEFT LoRA adapter of a T5 model as an expert")
+@_arguments(_import_peft_arguments)
+def import_peft(args, gin_files, bindings) -> int:
+  from phatgoose_jax import library
+  from phatgoose_jax.importers import peft as peft_io
+  _forbid_gin(gin_files, bindings, "import-peft takes no configuration")
+  if not args.output and not args.library:
+    raise ValueError("give --output (an expert directory, e.g. to train its gates) or --library")
+  if args.output:
+    _refuse_existing(args.output, False)
+  config, base, lib = _base_and_library(args.base, None)
+  rank = alpha = None
+  if args.library and library.ExpertLibrary(args.library, create=True).names():
+    first = library.ExpertLibrary(args.library).experts()[0]
+    rank, alpha = first.rank, first.alpha
+  expert = peft_io.import_peft(args.adapter, config, library.base_model_fingerprint(base), args.name, task=args.task,
+                               rank=rank, alpha=alpha, pad_rank=args.pad_rank)
+  if args.library:
+    if not expert.has_gates:
+      raise library.LibraryError(f"expert {expert.name!r} has no gate vectors: import it with --output, train its "
+                                 f"gates (phatgoose train-gate --gin.EXPERT_PATH=...), then library add")
+    path = library.ExpertLibrary(args.library).add(expert)
+  else:
+    path = library.save_expert(expert, args.output)
+  print(f"imported {args.adapter} -> {path} (rank {expert.rank}, {len(expert.sites)} sites, "
+        f"{'with' if expert.has_gates else 'without'} gates)")
+  return 0
+
+
+@command("export-peft", "write an expert of a library as a Hugging Face PEFT LoRA adapter")
+@_arguments(lambda p: (p.add_argument("library", help="expert library"), p.add_argument("name", help="expert name"),
+                       p.add_argument("output", help="PEFT directory to create"),
+                       p.add_argument("--base", required=True, help="our checkpoint of the base model"),
+                       p.add_argument("--base_model_name_or_path", default=None,
+                                      help="recorded in adapter_config.json, e.g. google/t5-xl-lm-adapt")))
+def export_peft(args, gin_files, bindings) -> int:
+  from phatgoose_jax import checkpoints, library
+  from phatgoose_jax.importers import peft as peft_io
+  _forbid_gin(gin_files, bindings, "export-peft takes no configuration")
+  _refuse_existing(args.output, False)
+  expert = library.ExpertLibrary(args.library).get(args.name)
+  config = checkpoints.load_config(args.base)
+  path = peft_io.export_peft(expert, config, args.output, args.base_model_name_or_path)
+  print(f"exported {args.name!r} -> {path}")
+  return 0
+
+
+def _bench_arguments(p):
+  from phatgoose_jax import benchmark
+  benchmark.add_arguments(p)
+
+
+@command("bench", "routed vs base model speed: scoring, decoding, memory, training steps (see docs/performance.md)")
+@_arguments(_bench_arguments)
+def bench(args, gin_files, bindings) -> int:
+  from phatgoose_jax import benchmark
+  _forbid_gin(gin_files, bindings, "bench takes its settings as flags")
+  return benchmark.run_from_args(args)
 
 
 def _library_arguments(p):
@@ -254,6 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _maybe_initialize_distributed(bindings)
     return fn(args, gin_files, bindings)
   except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as e:  # a message, not a traceback
+    from phatgoose_jax.training import Preempted
+    if isinstance(e, Preempted):
+      print(f"phatgoose {args.command}: {e}", file=sys.stderr)
+      return 128 + signal.SIGTERM  # as if killed by SIGTERM, so that schedulers retry
     print(f"phatgoose {args.command}: error: {e}", file=sys.stderr)
     return 1
 

@@ -10,7 +10,6 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from phatgoose_jax import batching, checkpoints, config as config_lib, vocabularies

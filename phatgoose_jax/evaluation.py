@@ -202,9 +202,12 @@ def load_task(task_name: str, split: str, max_examples: int | None = None) -> Ta
   kind = kinds.pop()
   examples = []
   ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, use_cached=False)
-  for ex in ds.as_numpy_iterator():
+  from phatgoose_jax import data_checks
+  eos_id = task.output_features["targets"].vocabulary.eos_id
+  for i, ex in enumerate(ds.as_numpy_iterator()):
     if kind == "score" and max_examples is not None and int(ex["idx"][0]) >= max_examples:
       continue
+    data_checks.check_example(ex, f"task {task_name}, split {split!r}, example {i}", eos_id)
     examples.append(ex)
     if kind == "predict" and max_examples is not None and len(examples) >= max_examples:
       break

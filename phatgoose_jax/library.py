@@ -14,8 +14,10 @@ unless an explicit order is given.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import re
@@ -280,27 +282,44 @@ class ExpertLibrary:
   def get(self, name: str) -> Expert:
     if name not in self.names():
       raise LibraryError(f"no expert named {name!r} in {self.root} (have: {', '.join(self.names()) or 'none'})")
-    return load_expert(self.path(name))
+    expert = load_expert(self.path(name))
+    if expert.name != name:
+      raise LibraryError(f"{self.path(name)} holds an expert named {expert.name!r}: an expert's directory must carry "
+                         f"its name (rename the directory or re-add the expert)")
+    return expert
 
   def experts(self, names: Iterable[str] | None = None) -> list[Expert]:
     return [self.get(n) for n in (self.names() if names is None else names)]
 
+  @contextlib.contextmanager
+  def _writer_lock(self):
+    """One writer at a time (an exclusive flock on <library>/.lock), so that the check against the
+    present experts and the rename that adds one are a single step for concurrent processes."""
+    with open(self.root / ".lock", "a") as f:
+      fcntl.flock(f, fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
   def add(self, expert: Expert, overwrite: bool = False) -> Path:
     """Adds one expert after checking it against those already present; touches no other expert."""
     expert.check()
-    present = self.names()
-    if expert.name in present and not overwrite:
-      raise LibraryError(f"expert {expert.name!r} already exists in {self.root}; remove it first or overwrite")
-    others = [self.get(n) for n in present if n != expert.name][:1]  # one suffices: the rest already agree
-    check_compatible(others + [expert])
-    return save_expert(expert, self.path(expert.name), overwrite=overwrite)
+    with self._writer_lock():
+      present = self.names()
+      if expert.name in present and not overwrite:
+        raise LibraryError(f"expert {expert.name!r} already exists in {self.root}; remove it first or overwrite")
+      others = [self.get(n) for n in present if n != expert.name][:1]  # one suffices: the rest already agree
+      check_compatible(others + [expert])
+      return save_expert(expert, self.path(expert.name), overwrite=overwrite)
 
   def remove(self, name: str) -> None:
-    if name not in self.names():
-      raise LibraryError(f"no expert named {name!r} in {self.root}")
-    doomed = checkpoints.temporary_sibling(self.path(name))
-    self.path(name).rename(doomed)  # disappears atomically, then is deleted
-    shutil.rmtree(doomed)
+    with self._writer_lock():
+      if name not in self.names():
+        raise LibraryError(f"no expert named {name!r} in {self.root}")
+      doomed = checkpoints.temporary_sibling(self.path(name))
+      self.path(name).rename(doomed)  # disappears atomically, then is deleted
+      shutil.rmtree(doomed)
 
   def validate(self) -> list[Expert]:
     """Loads and cross-checks every expert; raises LibraryError naming the first problem."""

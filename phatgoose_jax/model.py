@@ -200,6 +200,11 @@ class EncoderDecoderModel:
     return jax.jit(self.compute_logits, static_argnames=("mutable",))
 
   @functools.cached_property
+  def jit_score_intermediates(self):
+    """score_batch with return_intermediates=True, jitted once per model (routing analysis)."""
+    return jax.jit(lambda params, batch: self.score_batch(params, batch, return_intermediates=True))
+
+  @functools.cached_property
   def jit_score(self):
     return jax.jit(self.score_batch_detailed)
 

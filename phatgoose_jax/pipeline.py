@@ -16,15 +16,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from phatgoose_jax import adapters, checkpoints, evaluation, library, routers, training
@@ -355,6 +354,16 @@ class Pipeline:
     plots.routing_figures(model, params, stacked.names, [self.task(t) for t in self.cfg.held_out_tasks],
                           self.cfg.eval_feature_lengths, self.out)
 
+  def write_eval_summaries(self, per_seed: Mapping[int, Mapping[str, dict]]) -> None:
+    """Every numeric evaluation metric as a TensorBoard scalar <method>/<task>/<metric> at step = seed."""
+    from phatgoose_jax import telemetry
+    with telemetry.MetricWriter(self.out / "tensorboard") as writer:
+      for seed, results in per_seed.items():
+        writer.write_scalars(seed, {f"{method}/{task}/{metric}": value for method, per_task in results.items()
+                                    if not method.startswith("_") for task, metrics in per_task.items()
+                                    if isinstance(metrics, Mapping) for metric, value in metrics.items()
+                                    if isinstance(value, (int, float)) and not isinstance(value, bool)})
+
   # -- the whole job ---------------------------------------------------------------------------------
   def run(self) -> dict:
     start = time.time()
@@ -364,6 +373,7 @@ class Pipeline:
       lib = self.train_experts(seed)
       multitask_dir = self.train_multitask(seed)
       per_seed[seed] = self.evaluate(seed, lib, multitask_dir)
+    self.write_eval_summaries(per_seed)
     summary = aggregate(per_seed, list(self.cfg.held_out_tasks), [m for m in self.cfg.methods])
     summary["config"] = {k: (v if isinstance(v, (int, float, str, list, dict, type(None))) else str(v))
                          for k, v in dataclasses.asdict(self.cfg).items()}
@@ -418,6 +428,36 @@ class RetrievalMethod:
   def predict(self, batch, rows, max_decode_length):
     return self._per_expert(batch, rows, lambda p: np.asarray(
         self.model.jit_predict(p, batch, max_decode_length=max_decode_length)[0]))
+
+
+def method_from_library(method: str, config, base_params, lib: library.ExpertLibrary | None, top_k: int = 2,
+                        kernel: str = "auto", partitioner=None) -> evaluation.ModelMethod:
+  """One evaluation method over a base model and a library: 'base', 'phatgoose', 'arrow', 'merged' or
+  'expert:NAME' (the methods that need task data or training, like Average Activation, Retrieval and
+  multitask, are built by the pipeline)."""
+  if method == "base":
+    return evaluation.ModelMethod("base", EncoderDecoderModel(Transformer(config)), base_params, partitioner)
+  if lib is None:
+    raise ValueError(f"method {method!r} needs --library")
+  base_flat, _ = adapters.split_params(base_params)
+  if method.startswith("expert:"):
+    expert = lib.get(method.split(":", 1)[1])
+    sites = "|".join(re.escape(s) for s in expert.sites)
+    model = EncoderDecoderModel(Transformer(config, AdapterConfig(mode="lora", rank=expert.rank, alpha=expert.alpha,
+                                                                  sites=sites)))
+    lora = {k: v for k, v in expert.tensors.items() if k.rsplit("/", 1)[-1] in library.LORA_PARAMS}
+    return evaluation.ModelMethod(method, model, adapters.unflatten({**base_flat, **lora}), partitioner)
+  stacked = lib.stack()
+  if method in ("phatgoose", "arrow"):
+    vectors = routers.arrow_vectors(stacked) if method == "arrow" else None
+    model, params = library.routed_model(config, base_params, stacked, top_k=top_k, kernel=kernel, router=method,
+                                         router_vectors=vectors)
+    return evaluation.ModelMethod(method, model, params, partitioner)
+  if method == "merged":
+    flat, merged_cfg = routers.merged_lora(stacked)
+    return evaluation.ModelMethod("merged", EncoderDecoderModel(Transformer(config, merged_cfg)),
+                                  adapters.unflatten({**base_flat, **flat}), partitioner)
+  raise ValueError(f"unknown method {method!r}: choose base, phatgoose, arrow, merged or expert:NAME")
 
 
 def retrieval_text(example: dict) -> str:

@@ -18,7 +18,7 @@ Array = jax.Array
 
 STANDARDIZE_EPS = 1e-5   # torch.nn.LayerNorm's default, used by the original code for inputs and gates
 RENORMALIZE_EPS = 1e-6   # added to the sum of the kept top-k probabilities
-KERNELS = ("dense", "gather", "grouped")
+KERNELS = ("dense", "gather", "grouped", "blocked")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,11 +38,19 @@ def phatgoose_scores(u: Array, standardized_gates: Array) -> Array:
 
   scores = standardize(u) . g_hat / sqrt(d_in). The gates are standardized once, when the library is
   loaded; the input is standardized here, per token.
+
+  Computed without materializing standardize(u): with mu, sigma the token's mean and std,
+  standardize(u) . g = (u . g - mu * sum(g)) / sigma, so the router is one float32 matmul on the raw
+  input plus two per-token reductions (exact for any g; sum(g) is 0 for standardized gates).
   """
   d_in = u.shape[-1]
-  u_hat = standardize(u)  # [T, d_in]
-  return jnp.einsum("td,ed->te", u_hat, standardized_gates.astype(jnp.float32),
-                    precision=lax.Precision.HIGHEST) / jnp.sqrt(jnp.float32(d_in))
+  u = u.astype(jnp.float32)
+  gates = standardized_gates.astype(jnp.float32)
+  mean = jnp.mean(u, axis=-1, keepdims=True)  # [T, 1]
+  var = jnp.mean(jnp.square(u - mean), axis=-1, keepdims=True)  # [T, 1] (XLA fuses it: nothing written)
+  dots = jnp.einsum("td,ed->te", u, gates, precision=lax.Precision.HIGHEST)  # [T, E]
+  centered = dots - mean * jnp.sum(gates, axis=-1)  # [T, E]
+  return centered * (lax.rsqrt(var + STANDARDIZE_EPS) / jnp.sqrt(jnp.float32(d_in)))
 
 
 def arrow_scores(u: Array, directions: Array, temperature: float = 1.0) -> Array:
@@ -114,23 +122,75 @@ def combine_grouped(u: Array, a: Array, b: Array, weights: Array, indices: Array
   return jnp.zeros((num_tokens, y_sorted.shape[-1]), jnp.float32).at[token_of_pair].add(y_sorted)
 
 
-_COMBINE = {"dense": combine_dense, "gather": combine_gather, "grouped": combine_grouped}
+def blocked_layout_block_size(num_pairs: int, num_experts: int) -> int:
+  """Rows per block of the blocked kernel: about the mean rows per expert, a power of two in [8, 128]
+  (smaller blocks waste less padding, larger ones make better matmuls)."""
+  mean_rows = max(1, num_pairs // num_experts)
+  return int(min(128, max(8, 1 << (mean_rows.bit_length() - 1))))
+
+
+def combine_blocked(u: Array, a: Array, b: Array, weights: Array, indices: Array, block: int | None = None) -> Array:
+  """Megablocks-style: the T*k (token, expert) pairs are sorted by expert and each expert's group padded
+  to whole blocks of `block` rows, so every block belongs to one expert; then two batched matmuls over
+  blocks, each block against its own expert's A and B.
+
+  FLOPs (T*k + E*block)*r*(d_in + d_out) at most (the static bound on padded rows); moves u's rows once
+  to the blocked layout and gathers the k outputs back per token. Pure JAX, no scatter-add.
+  """
+  num_tokens, k = indices.shape
+  num_experts, d_in, _ = a.shape
+  num_pairs = num_tokens * k
+  block = block or blocked_layout_block_size(num_pairs, num_experts)
+  num_blocks = num_pairs // block + num_experts  # sum_e ceil(count_e / block) <= this
+  num_rows = num_blocks * block
+
+  flat_experts = indices.reshape(-1)  # [P]
+  counts = jnp.bincount(flat_experts, length=num_experts)  # [E]
+  padded_counts = (counts + block - 1) // block * block  # [E]
+  padded_ends = jnp.cumsum(padded_counts)  # [E]
+  group_starts = jnp.cumsum(counts) - counts  # [E]
+  order = jnp.argsort(flat_experts, stable=True)  # [P] pairs sorted by expert
+  sorted_experts = flat_experts[order]
+  row_of_sorted = (padded_ends - padded_counts)[sorted_experts] + jnp.arange(num_pairs) - group_starts[sorted_experts]
+  row_of_sorted = row_of_sorted.astype(jnp.int32)  # [P] each sorted pair's row in the blocked layout
+  # Padding rows read an all-zero token (index num_tokens) and have weight 0.
+  token_of_row = jnp.full((num_rows,), num_tokens, jnp.int32).at[row_of_sorted].set(
+      (order // k).astype(jnp.int32), unique_indices=True)  # [rows]
+  weight_of_row = jnp.zeros((num_rows,), jnp.float32).at[row_of_sorted].set(
+      weights.reshape(-1)[order], unique_indices=True)  # [rows]
+  expert_of_block = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"),
+                                num_experts - 1)  # [blocks]; blocks past the last group are all padding
+
+  u_padded = jnp.concatenate([u, jnp.zeros((1, d_in), u.dtype)])  # [T + 1, d_in]
+  x = u_padded[token_of_row].reshape(num_blocks, block, d_in)  # [blocks, block, d_in]
+  h = jnp.einsum("nmd,ndr->nmr", x, a[expert_of_block], preferred_element_type=jnp.float32)  # [blocks, block, r]
+  h = (h * weight_of_row.reshape(num_blocks, block, 1)).astype(b.dtype)
+  y = jnp.einsum("nmr,nrf->nmf", h, b[expert_of_block], preferred_element_type=jnp.float32)  # [blocks, block, d_out]
+  row_of_pair = jnp.zeros((num_pairs,), jnp.int32).at[order].set(row_of_sorted, unique_indices=True)  # [P]
+  return jnp.sum(y.reshape(num_rows, -1)[row_of_pair].reshape(num_tokens, k, -1), axis=1)  # [T, d_out]
+
+
+_COMBINE = {"dense": combine_dense, "gather": combine_gather, "grouped": combine_grouped, "blocked": combine_blocked}
 
 
 def choose_kernel(num_tokens: int, num_experts: int, k: int, rank: int, d_in: int, d_out: int) -> str:
-  """The automatic choice, from static shapes (see benchmarks/ and docs/performance.md for the
-  measurements behind it).
+  """The automatic choice, from static shapes, calibrated on CPU measurements (docs/performance.md).
 
-  dense does E/k times the necessary LoRA FLOPs but no data movement: it wins while E*r is small next
-  to the base matmul. gather moves each chosen expert's weights per token: it wins for very few tokens
-  (incremental decoding). grouped does exact FLOPs with a sort: it wins for many tokens and many experts.
+  gather reads the chosen experts' weights per token: best when there are fewer (token, expert) pairs
+  than experts (incremental decoding over a large pool). dense does E/k times the necessary LoRA FLOPs
+  as two large matmuls and no data movement: best for few experts or few tokens. blocked does
+  near-exact FLOPs after a sort and a row gather: best for many tokens over many experts. grouped
+  (lax.ragged_dot) is never chosen: XLA:CPU expands it densely; it is kept for accelerators with a
+  native grouped matmul.
   """
   del d_in, d_out
-  if num_experts <= 2 * k or num_experts * rank <= 128:
+  if num_experts <= k:
     return "dense"
-  if num_tokens * k <= 2 * num_experts:
+  if num_tokens * k <= num_experts:
     return "gather"
-  return "grouped"
+  if num_experts * rank <= 256 or num_tokens <= 128:
+    return "dense"
+  return "blocked"
 
 
 def combine(u: Array, a: Array, b: Array, weights: Array, indices: Array, scale: float,

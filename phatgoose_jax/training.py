@@ -14,14 +14,17 @@ gradients are summed inside one jitted step; the loss is the mean over all targe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import gin
 import jax
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from phatgoose_jax import adapters, checkpoints, distributed, gin_utils, library
+from phatgoose_jax import adapters, checkpoints, data_checks, distributed, gin_utils, library, telemetry
 from phatgoose_jax.adapters import AdapterConfig
 from phatgoose_jax.config import T5Config
 from phatgoose_jax.model import EncoderDecoderModel, weighted_cross_entropy
@@ -92,8 +95,9 @@ class Trainer:
   """
 
   def __init__(self, model: EncoderDecoderModel, tx: optax.GradientTransformation, schedule: optax.Schedule,
-               partitioner=None):
+               partitioner=None, skip_nonfinite: bool = False):
     self.model = model
+    self.skip_nonfinite = skip_nonfinite
     self.tx = tx
     self.schedule = schedule
     self.partitioner = partitioner
@@ -166,7 +170,13 @@ class Trainer:
     grads = jax.tree_util.tree_map(lambda g: g / denom, grad_sum)  # gradient of the mean token loss
     updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.global_norm(grads), "learning_rate": self.schedule(state.step),
+    grad_norm = optax.global_norm(grads)
+    if self.skip_nonfinite:  # a NaN/Inf step leaves parameters and optimizer state as they were
+      finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
+      keep = lambda new, old: jnp.where(finite, new, old)
+      trainable = jax.tree_util.tree_map(keep, trainable, state.trainable)
+      opt_state = jax.tree_util.tree_map(keep, opt_state, state.opt_state)
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "learning_rate": self.schedule(state.step),
                "tokens": token_sum}
     return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state, rng=rng), metrics
 
@@ -252,6 +262,42 @@ def _accumulated(batches: Iterator[dict], accumulation: int) -> Iterator[dict]:
 # The run
 # ---------------------------------------------------------------------------------------------
 
+class Preempted(RuntimeError):
+  """SIGTERM arrived; a checkpoint was written and the same command resumes."""
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+@contextlib.contextmanager
+def _preemption_signal():
+  """Yields a function telling whether SIGTERM arrived (only the main thread can install handlers)."""
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  try:
+    yield lambda: bool(received)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _state_tree(state: "TrainState") -> dict:
+  return {"step": state.step, "trainable": state.trainable, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+  """Drops log records written after `step` (by the run that was interrupted), so that none repeats."""
+  if not path.is_file():
+    return
+  kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text("".join(line + "\n" for line in kept))
+  tmp.replace(path)
+
+
 def _log(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
@@ -296,7 +342,8 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
           use_cached: bool = False, expert_name: str | None = None, overwrite: bool = False,
           mixture_or_task_module: str | None = None, in_memory_data: bool = False, partitioner=None,
           learning_rate: float = 5e-3, warmup_ratio: float = 0.06, weight_decay: float = 0.0,
-          max_grad_norm: float = 1.0) -> dict:
+          max_grad_norm: float = 1.0, checkpoint_period: int = 100, keep_checkpoints: int = 2,
+          on_nonfinite: str = "stop", validate_examples: int | None = 10_000) -> dict:
   """Trains one stage and writes its result into model_dir. Returns a summary dict.
 
   batch_size is the global batch (sequences per optimizer step); it must divide by accumulation_steps.
@@ -306,9 +353,19 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
   small data); otherwise stream from seqio.
   partitioner: a partitioning.Partitioner to train sharded over its mesh (gin/partitioning/*.gin); with
   several hosts each reads batch_size / process_count sequences per step.
+  checkpoint_period: every so many steps the whole train state (parameters, optimizer state, step, RNG,
+  input position, best-so-far) is checkpointed under model_dir/checkpoints (the newest keep_checkpoints
+  are kept); a restarted run resumes from the newest and ends with the same parameters as an
+  uninterrupted one. SIGTERM (preemption) writes a checkpoint and raises Preempted.
+  validate_examples: how many examples of each task's train (and validation) split are checked before
+  training (fields, empty targets, UTF-8; those over the feature lengths are counted); None: all.
+  on_nonfinite: 'stop' (raise NonFiniteLossError at the step whose loss or gradient is NaN/Inf, keeping
+  the last good checkpoint) or 'skip' (that step's update is not applied and training continues).
   """
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; choose one of {sorted(STAGES)}")
+  if on_nonfinite not in ("stop", "skip"):
+    raise ValueError(f"on_nonfinite must be 'stop' or 'skip', not {on_nonfinite!r}")
   gin_utils.require("train", model_dir=model_dir, mixture_or_task_name=mixture_or_task_name,
                     task_feature_lengths=task_feature_lengths, train_steps=train_steps, batch_size=batch_size,
                     initial_checkpoint_path=initial_checkpoint_path, expert_path=expert_path)
@@ -319,6 +376,10 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
     import importlib
     importlib.import_module(mixture_or_task_module)  # registers the seqio tasks
   model_dir = Path(model_dir)
+  # Bad data is refused before anything is written.
+  for split in ("train",) + ((validation_split,) if eval_period else ()):
+    data_checks.check_split(mixture_or_task_name, split, task_feature_lengths, validate_examples,
+                            log=lambda msg: _log(f"[{stage}] {msg}"))
   base_config, base_params = _load_base(initial_checkpoint_path, model_config, seed)
   if dropout_rate is not None:
     base_config = base_config.replace(dropout_rate=dropout_rate)
@@ -361,7 +422,7 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
   trainable, frozen = split_trainable(params, trainable_regex)
   tx, schedule = make_optimizer(train_steps, learning_rate=learning_rate, warmup_ratio=warmup_ratio,
                                 weight_decay=weight_decay, max_grad_norm=max_grad_norm)
-  trainer = Trainer(model, tx, schedule, partitioner=partitioner)
+  trainer = Trainer(model, tx, schedule, partitioner=partitioner, skip_nonfinite=on_nonfinite == "skip")
   state = trainer.init_state(trainable, seed)
   frozen = {k: jnp.asarray(v) for k, v in frozen.items()}
   hosts = jax.process_count()
@@ -399,41 +460,96 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
       raise ValueError(f"the {validation_split!r} split of {mixture_or_task_name} is empty")
     return loss / tokens
 
-  log_file = open(model_dir / "train_log.jsonl", "a")
+  ckpt_root = model_dir / checkpoints.TRAIN_CHECKPOINTS_DIR
+  log_path = model_dir / "train_log.jsonl"
   best = {"loss": math.inf, "step": 0, "trainable": None}
-  if eval_period:  # the starting point is a candidate too (e.g. zero gates, or an untouched base)
+  start_step = 0
+  resume_from = checkpoints.latest_train_checkpoint(ckpt_root)
+  if resume_from is not None:
+    best_target = distributed.to_host(state.trainable)
+    saved, saved_best, meta = checkpoints.restore_train_checkpoint(resume_from, _state_tree(state), best_target)
+    state = TrainState(**saved)
+    start_step = int(meta["step"])
+    best = {"loss": meta["best_loss"] if meta["best_loss"] is not None else math.inf, "step": meta["best_step"],
+            "trainable": distributed.to_host(saved_best) if saved_best is not None else None}
+    for _ in range(meta["batches_consumed"]):  # the input pipeline continues where it stopped
+      next(train_batches)
+    _truncate_log(log_path, start_step)
+    _log(f"[{stage}] resuming from {resume_from} (step {start_step}/{train_steps})")
+  else:
+    _truncate_log(log_path, -1)  # a run killed before its first checkpoint starts over
+
+  def save_checkpoint(step: int) -> Path:
+    meta = {"batches_consumed": step, "best_loss": None if math.isinf(best["loss"]) else best["loss"],
+            "best_step": best["step"]}
+    path = checkpoints.save_train_checkpoint(ckpt_root, step, _state_tree(state), best["trainable"], meta,
+                                             keep=keep_checkpoints)
+    _log(f"[{stage}] checkpoint {path.name}")
+    return path
+
+  log_file = open(log_path, "a")
+  writer = telemetry.MetricWriter(model_dir / "tensorboard")
+  if eval_period and start_step == 0:  # the starting point is a candidate too (e.g. zero gates, or an untouched base)
     val = validation_loss()
     _log(f"[{stage}] step 0: validation loss {val:.4f}")
     log_file.write(json.dumps({"step": 0, "validation_loss": val}) + "\n")
+    writer.write_scalars(0, {"validation_loss": val})
     best = {"loss": val, "step": 0, "trainable": distributed.to_host(state.trainable)}
   start = time.time()
   step_times = []
-  for step in range(1, train_steps + 1):
-    try:
-      batch = next(train_batches)
-    except StopIteration:
-      raise ValueError(f"{mixture_or_task_name} yielded no training batch of {micro} sequences") from None
-    t0 = time.time()
-    state, metrics = trainer.train_step(state, frozen, to_device(batch, 1))
-    record = {"step": step}
-    if step % log_period == 0 or step == train_steps:
-      metrics = {k: float(v) for k, v in metrics.items()}
-      step_times.append(time.time() - t0)
-      elapsed = time.time() - start
-      eta = elapsed / step * (train_steps - step)
-      record.update(metrics, tokens_per_second=metrics["tokens"] / max(step_times[-1], 1e-9), elapsed=elapsed)
-      _log(f"[{stage}] step {step}/{train_steps} loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
-           f"lr {metrics['learning_rate']:.2e} ({step / elapsed:.2f} steps/s, ETA {eta:.0f}s)")
-    if eval_period and (step % eval_period == 0 or step == train_steps):
-      val = validation_loss()
-      record["validation_loss"] = val
-      _log(f"[{stage}] step {step}: validation loss {val:.4f}{' (best so far)' if val < best['loss'] else ''}")
-      if val < best["loss"]:
-        best = {"loss": val, "step": step, "trainable": distributed.to_host(state.trainable)}
-    if len(record) > 1:
-      log_file.write(json.dumps(record) + "\n")
-      log_file.flush()
+  with _preemption_signal() as preempted:
+    for step in range(start_step + 1, train_steps + 1):
+      if preempted():
+        path = save_checkpoint(step - 1)
+        log_file.close()
+        writer.close()
+        raise Preempted(f"[{stage}] SIGTERM: stopped after step {step - 1}/{train_steps} with checkpoint {path}; "
+                        f"run the same command again to resume")
+      try:
+        batch = next(train_batches)
+      except StopIteration:
+        raise ValueError(f"{mixture_or_task_name} yielded no training batch of {micro} sequences") from None
+      t0 = time.time()
+      state, metrics = trainer.train_step(state, frozen, to_device(batch, 1))
+      loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+      if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if on_nonfinite == "skip":
+          _log(f"[{stage}] step {step}: loss {loss} / gradient norm {grad_norm} not finite: update skipped")
+        else:
+          log_file.close()
+          writer.close()
+          last = checkpoints.latest_train_checkpoint(ckpt_root)
+          raise NonFiniteLossError(
+              f"[{stage}] step {step}: loss {loss} / gradient norm {grad_norm} is not finite; stopped. The last good "
+              f"checkpoint is {last or 'none (no checkpoint was written yet)'}. Lower the learning rate or check the "
+              f"data, then resume; or set train.on_nonfinite='skip'")
+      record = {"step": step}
+      if step % log_period == 0 or step == train_steps:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        step_times.append(time.time() - t0)
+        elapsed = time.time() - start
+        done = step - start_step
+        eta = elapsed / done * (train_steps - step)
+        record.update(metrics, tokens_per_second=metrics["tokens"] / max(step_times[-1], 1e-9), elapsed=elapsed)
+        writer.write_scalars(step, {"loss": metrics["loss"], "learning_rate": metrics["learning_rate"],
+                                    "grad_norm": metrics["grad_norm"], "tokens_per_second": record["tokens_per_second"],
+                                    "step_time": step_times[-1]})
+        _log(f"[{stage}] step {step}/{train_steps} loss {metrics['loss']:.4f} grad_norm {metrics['grad_norm']:.3f} "
+             f"lr {metrics['learning_rate']:.2e} ({done / elapsed:.2f} steps/s, ETA {eta:.0f}s)")
+      if eval_period and (step % eval_period == 0 or step == train_steps):
+        val = validation_loss()
+        record["validation_loss"] = val
+        writer.write_scalars(step, {"validation_loss": val})
+        _log(f"[{stage}] step {step}: validation loss {val:.4f}{' (best so far)' if val < best['loss'] else ''}")
+        if val < best["loss"]:
+          best = {"loss": val, "step": step, "trainable": distributed.to_host(state.trainable)}
+      if len(record) > 1:
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+      if checkpoint_period and step % checkpoint_period == 0 and step < train_steps:
+        save_checkpoint(step)
   log_file.close()
+  writer.close()
   if best["trainable"] is None:  # no validation: keep the last parameters
     best = {"loss": None, "step": train_steps, "trainable": distributed.to_host(state.trainable)}
   final_params = adapters.unflatten({**distributed.to_host(frozen), **best["trainable"]})

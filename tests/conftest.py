@@ -98,30 +98,10 @@ def tiny_model(imported):
   return EncoderDecoderModel(Transformer(config)), params
 
 
-TRAIN_TASKS = ("pg_test_reverse", "pg_test_upper")
-
-
 @pytest.fixture(scope="session")
 def train_tasks():
-  """Two tiny seqio tasks over bytes (reverse a word; upper-case it), registered once per session."""
-  import seqio
-  import tensorflow as tf
-
-  vocab = seqio.ByteVocabulary()
-
-  def make(transform):
-    def dataset_fn(split, shuffle_files, seed=None):
-      rng = np.random.default_rng({"train": 0, "validation": 1}[split])
-      words = ["".join(rng.choice(list("abcdefgh"), size=rng.integers(2, 6))) for _ in range(96)]
-      return tf.data.Dataset.from_tensor_slices({"inputs": words, "targets": [transform(w) for w in words]})
-    return dataset_fn
-
-  for name, fn in zip(TRAIN_TASKS, (lambda w: w[::-1], str.upper)):
-    if name not in seqio.TaskRegistry.names():
-      seqio.TaskRegistry.add(name, seqio.FunctionDataSource(make(fn), splits=["train", "validation"]),
-                             preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
-                             output_features={"inputs": seqio.Feature(vocab), "targets": seqio.Feature(vocab)})
-  return TRAIN_TASKS
+  from helpers import register_train_tasks
+  return register_train_tasks()
 
 
 @pytest.fixture(scope="session")

@@ -26,3 +26,28 @@ def assert_decoding_matches_teacher_forcing(model, params, batch, expected_logit
     cache = variables["cache"]
     rows = tgt[:, i] > 0
     np.testing.assert_allclose(np.asarray(logits)[rows, 0], expected_logits[rows, i], atol=atol, err_msg=f"step {i}")
+
+
+TRAIN_TASKS = ("pg_test_reverse", "pg_test_upper")
+
+
+def register_train_tasks() -> tuple[str, ...]:
+  """Two tiny seqio tasks over bytes (reverse a word; upper-case it); registering twice is a no-op."""
+  import seqio
+  import tensorflow as tf
+
+  vocab = seqio.ByteVocabulary()
+
+  def make(transform):
+    def dataset_fn(split, shuffle_files, seed=None):
+      rng = np.random.default_rng({"train": 0, "validation": 1}[split])
+      words = ["".join(rng.choice(list("abcdefgh"), size=rng.integers(2, 6))) for _ in range(96)]
+      return tf.data.Dataset.from_tensor_slices({"inputs": words, "targets": [transform(w) for w in words]})
+    return dataset_fn
+
+  for name, fn in zip(TRAIN_TASKS, (lambda w: w[::-1], str.upper)):
+    if name not in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.add(name, seqio.FunctionDataSource(make(fn), splits=["train", "validation"]),
+                             preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
+                             output_features={"inputs": seqio.Feature(vocab), "targets": seqio.Feature(vocab)})
+  return TRAIN_TASKS

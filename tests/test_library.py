@@ -40,7 +40,7 @@ def test_round_trip_and_stable_stacking(base, tmp_path):
   assert all(p.stat().st_mtime_ns == t for p, t in before.items())
   lib.remove("mid")
   assert lib.names() == ["alpha", "new", "zeta"]
-  assert [p.name for p in (tmp_path / "lib").iterdir() if p.name.startswith(".")] == []
+  assert [p.name for p in (tmp_path / "lib").iterdir() if p.name.startswith(".")] == [".lock"]  # no temporary left
 
 
 def _with(expert, **changes):

@@ -42,6 +42,13 @@ def test_expert_training_lowers_the_loss_and_writes_an_expert(expert_run, byte_b
   assert expert.rank == 4 and expert.expert_steps == 8 and not expert.has_gates
   assert len(expert.sites) == 7 + 11 and expert.validation["loss"] == pytest.approx(min(vals.values()))
   assert any(np.any(expert.tensors[f"{s}/lora_b"]) for s in expert.sites)
+  # Telemetry: the same numbers as TensorBoard summaries (read back with TensorFlow) and JSON lines.
+  import tensorflow as tf
+  [events] = (model_dir / "tensorboard").glob("events.out.tfevents.*")
+  tags = {(e.step, v.tag): float(tf.make_ndarray(v.tensor)) for e in tf.compat.v1.train.summary_iterator(str(events))
+          for v in e.summary.value}
+  assert {"loss", "learning_rate", "grad_norm", "tokens_per_second", "step_time"} <= {t for s, t in tags if s == 4}
+  assert tags[(8, "validation_loss")] == pytest.approx(vals[8])
 
 
 def test_gate_training_trains_only_gates(expert_run, train_tasks, byte_base_checkpoint, tmp_path):
