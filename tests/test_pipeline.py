@@ -53,3 +53,15 @@ def test_a_rerun_skips_finished_stages(tiny_run, capsys):
   again = pipeline.Pipeline(cfg).run()
   assert again["methods"] == summary["methods"]
   assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing retrained or re-evaluated
+
+
+def test_an_output_dir_of_another_run_is_refused(tiny_run, tmp_path):
+  import dataclasses
+  out, cfg, _ = tiny_run
+  before = sorted(str(p) for p in out.rglob("*"))
+  with pytest.raises(FileExistsError, match=r"holds the results of a different pipeline run \(differs in \['top_k'\]\)"):
+    pipeline.Pipeline(dataclasses.replace(cfg, top_k=1))
+  assert sorted(str(p) for p in out.rglob("*")) == before
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(FileExistsError, match="not a pipeline output directory"):
+    pipeline.Pipeline(dataclasses.replace(cfg, output_dir=str(tmp_path)))
