@@ -1,0 +1,54 @@
+"""The routing benchmark runs (tiny shapes, few iterations): its rows, tables and JSON, kernels that agree
+with the dense reference, and arithmetic floors counted by hand."""
+
+import json
+
+import pytest
+
+from phatgoose_jax import benchmark, routing
+
+
+def test_floor_by_hand():
+  cfg = benchmark.TINY  # d=32, 2 heads x 16, gated MLP 64, one encoder and one decoder layer, vocab 128
+  b, n = 2, 16
+  tokens = b * n  # per stack
+  d, f = 32, 64
+  # Linear layers: encoder q,k,v,o + wi_0, wi_1, wo; decoder self q,k,v,o + cross q,o (decoder tokens) and
+  # cross k,v (encoder tokens) + the MLP.
+  linear = tokens * (4 * d * d + 3 * d * f) + tokens * (4 * d * d + 2 * d * d + 3 * d * f) + tokens * 2 * d * d
+  attention = 2 * 32 * (tokens * n + tokens * (n + n))
+  logits = tokens * d * 128
+  base = linear + attention + logits
+  # Router: E * d_in per token and site; 18 sites, of which the MLP outputs read d_in = 64.
+  experts, k, r = 8, 2, 16
+  router = tokens * experts * (16 * d + 2 * f)
+  lora = tokens * k * r * (sum([2 * d] * 12 + [d + f] * 6))
+  macs = benchmark.forward_macs(cfg, b, n, n, experts, k, r)
+  assert macs == {"base": base, "router": router, "lora": lora}
+  assert benchmark.arithmetic_floor(macs) == pytest.approx((base + router + lora) / base)
+
+
+def test_tiny_run_rows_tables_and_agreement(tmp_path):
+  preset = benchmark.Preset(
+      shapes=("tiny",), score_rows=benchmark._grid(("tiny",), (4,), (2,), benchmark.KERNELS, ((2, 16),)),  # pylint: disable=protected-access
+      decode_rows=(("tiny", 8, 2, "gather", 2),), memory_rows=(("tiny", 64, 2, "auto", (2, 16)),),
+      training_shape="tiny", repeats=2)
+  results = benchmark.run(preset, check=True, progress=lambda msg: None)
+  assert [r["kernel"] for r in results["score"]] == list(routing.KERNELS) + ["auto"]
+  for row in results["score"]:
+    assert row["max_abs_diff_vs_dense"] <= 1e-5, row["kernel"]  # every kernel computes the same scores
+    assert row["ratio"] > 0 and row["floor"] > 1 and row["compile_seconds"] > 0 and row["routed_memory_bytes"] > 0
+  assert results["decode"][0]["routed_ms_per_step"] != 0 and results["memory"][0]["routed_memory_bytes"] > 0
+  assert {r["step"] for r in results["training"]} == {"expert", "gate", "plain_lora"}
+  assert len(results["auto_vs_best"]) == 1
+  tables = benchmark.format_tables(results)
+  for heading in ("## Scoring", "## Incremental decoding", "## Memory", "## Training steps", "## Automatic choice"):
+    assert heading in tables
+  assert tables.count("| tiny | 4 | 2 |") == 1 + len(routing.KERNELS) + 1  # score rows + the auto-vs-best row
+  json.dumps(results)  # the JSON file is this object
+  # The command line refuses to overwrite an earlier result.
+  existing = tmp_path / "r.json"
+  existing.write_text("{}")
+  with pytest.raises(FileExistsError):
+    benchmark.main(["--preset", "tiny", "--output", str(existing)])
+  assert existing.read_text() == "{}"
