@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -315,7 +316,9 @@ def _prepare_model_dir(model_dir: Path, run_info: dict, overwrite: bool) -> None
       raise FileExistsError(f"MODEL_DIR {model_dir} holds a different run (differs in {changed}); choose another "
                             f"directory")
   model_dir.mkdir(parents=True, exist_ok=True)
-  info_file.write_text(json.dumps(run_info, indent=2, sort_keys=True) + "\n")
+  text = json.dumps(run_info, indent=2, sort_keys=True) + "\n"
+  if not info_file.is_file() or info_file.read_text() != text:
+    info_file.write_text(text)
 
 
 def _load_base(initial_checkpoint_path: str | None, model_config: T5Config | None, seed: int):
@@ -392,6 +395,13 @@ def train(stage: str, *, model_dir: str = gin.REQUIRED, mixture_or_task_name: st
               "initial_checkpoint_path": initial_checkpoint_path, "expert_path": expert_path,
               "adapter": dataclasses.asdict(adapter), "learning_rate": learning_rate}
   _prepare_model_dir(model_dir, run_info, overwrite)
+  if overwrite:  # start over: an earlier run's checkpoints must not be resumed
+    for name in (checkpoints.TRAIN_CHECKPOINTS_DIR, "tensorboard", "train_log.jsonl", "summary.json"):
+      path = model_dir / name
+      shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+  elif (model_dir / "summary.json").is_file():
+    _log(f"[{stage}] {model_dir} holds this run, finished: nothing to do (pass overwrite to train again)")
+    return json.loads((model_dir / "summary.json").read_text())
 
   source_expert = None
   if stage == "gate":

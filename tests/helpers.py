@@ -51,3 +51,18 @@ def register_train_tasks() -> tuple[str, ...]:
                              preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
                              output_features={"inputs": seqio.Feature(vocab), "targets": seqio.Feature(vocab)})
   return TRAIN_TASKS
+
+
+def write_byte_base_checkpoint(path):
+  """A randomly initialized (always the same) one-layer T5.1.1 over the byte vocabulary, saved as our
+  checkpoint at path."""
+  import jax.numpy as jnp
+  from phatgoose_jax import checkpoints
+  from phatgoose_jax.config import T5Config
+  from phatgoose_jax.network import Transformer
+
+  config = T5Config(vocab_size=264, dtype="float32", emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32,
+                    num_encoder_layers=1, num_decoder_layers=1, mlp_activations=("gelu", "linear"), dropout_rate=0.0)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  params = Transformer(config).init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False)["params"]
+  return checkpoints.save_checkpoint(path, params, config)

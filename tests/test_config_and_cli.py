@@ -79,11 +79,15 @@ def test_resource_with_wrong_hash_is_refused(tmp_path, monkeypatch):
     resources.fetch(resources.T5_SPIECE)
 
 
-def test_every_subcommand_has_help():
-  for name in cli._COMMANDS:
+def test_every_subcommand_has_help(capsys):
+  expected = {"pretrain", "train-expert", "train-gate", "train-multitask", "library", "eval", "analyze-routing",
+              "import-hf", "import-t5x", "import-peft", "export-peft", "bench"}
+  assert expected <= set(cli._COMMANDS)
+  for name in list(cli._COMMANDS) + ["library add", "library list", "library remove", "library validate"]:
     with pytest.raises(SystemExit) as exit_info:
-      cli.main([name, "--help"])
-    assert exit_info.value.code == 0
+      cli.main(name.split() + ["--help"])
+    assert exit_info.value.code == 0, name
+    assert "usage: phatgoose" in capsys.readouterr().out, name
   # And the installed console script runs.
   proc = subprocess.run([sys.executable, "-m", "phatgoose_jax.cli", "--help"], capture_output=True, text=True)
   assert proc.returncode == 0 and "import-hf" in proc.stdout and "import-t5x" in proc.stdout

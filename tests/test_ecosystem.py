@@ -1,4 +1,4 @@
-"""Routing analysis files, TensorBoard summaries, and the complete CLI (--help on every subcommand)."""
+"""Routing analysis files and TensorBoard summaries."""
 
 import csv
 import json
@@ -6,19 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from phatgoose_jax import analysis, cli, evaluation, library, telemetry
+from phatgoose_jax import analysis, evaluation, library, telemetry
 from test_adapters import random_expert
-
-
-def test_every_subcommand_has_help(capsys):
-  for name in list(cli._COMMANDS) + ["library add", "library list", "library remove", "library validate"]:  # pylint: disable=protected-access
-    with pytest.raises(SystemExit) as exit_info:
-      cli.main(name.split() + ["--help"])
-    assert exit_info.value.code == 0, name
-    assert "usage: phatgoose" in capsys.readouterr().out, name
-  expected = {"pretrain", "train-expert", "train-gate", "train-multitask", "library", "eval", "analyze-routing",
-              "import-hf", "import-t5x", "import-peft", "export-peft", "bench"}
-  assert expected <= set(cli._COMMANDS)  # pylint: disable=protected-access
 
 
 def test_routing_analysis_writes_png_html_and_csv(tiny_model, train_tasks, tmp_path):

@@ -106,7 +106,7 @@ def test_span_corruption_by_hand():
   sentinels = [t for t in inputs if t >= 90]
   assert sentinels == [99 - i for i in range(len(sentinels))] and sentinels == [t for t in targets if t >= 90]
   # Interleaving inputs and targets by sentinel restores the original.
-  restored, spans, it = [], {}, iter(targets)
+  restored, spans = [], {}
   cur = None
   for t in targets:
     if t >= 90:

@@ -1,9 +1,12 @@
 """Reliability: exact resume after SIGKILL at three points, SIGTERM checkpoints, NaN stops, and refusals of
 bad input that leave outputs untouched."""
 
+import atexit
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ import pytest
 
 from phatgoose_jax import checkpoints, library, training
 from phatgoose_jax.adapters import AdapterConfig
+from helpers import TRAIN_TASKS, write_byte_base_checkpoint
 
 DRIVER = Path(__file__).with_name("resume_driver.py")
 STEPS, PERIOD = 9, 3
@@ -34,29 +38,42 @@ def _losses(model_dir):
           for r in map(json.loads, (Path(model_dir) / "train_log.jsonl").read_text().splitlines())]
 
 
+# The four runs that die on purpose start when pytest collects this module, each in its own process, so
+# that they run beside the rest of the suite; the fixture below collects them. They train on their own
+# copy of the (deterministic) byte base model, with the tasks the driver registers itself.
+_FAULTS = {"before_first_checkpoint": "kill_after_step:2", "between_checkpoints": "kill_after_step:5",
+           "during_checkpoint_write": f"kill_publishing:{2 * PERIOD}", "sigterm": "sigterm_after_step:4"}
+_ROOT = Path(tempfile.mkdtemp(prefix="phatgoose_faults_"))
+_BASE = write_byte_base_checkpoint(_ROOT / "base")
+_PROCESSES = {}
+for _name, _fault in _FAULTS.items():
+  _kwargs = _run_kwargs(TRAIN_TASKS, _BASE, _ROOT / _name)
+  (_ROOT / f"{_name}.json").write_text(json.dumps(_kwargs))
+  _PROCESSES[_name] = (subprocess.Popen([sys.executable, str(DRIVER), str(_ROOT / f"{_name}.json"), _fault],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), _kwargs)
+
+
+@atexit.register
+def _cleanup():
+  for proc, _ in _PROCESSES.values():
+    if proc.poll() is None:
+      proc.kill()
+  shutil.rmtree(_ROOT, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def faulted_runs(train_tasks, byte_base_checkpoint, tmp_path_factory):
-  """Starts the three SIGKILLed runs and the SIGTERMed one side by side (each in its own process)."""
-  root = tmp_path_factory.mktemp("faults")
-  faults = {"before_first_checkpoint": "kill_after_step:2", "between_checkpoints": "kill_after_step:5",
-            "during_checkpoint_write": f"kill_publishing:{2 * PERIOD}", "sigterm": "sigterm_after_step:4"}
-  procs = {}
-  for name, fault in faults.items():
-    kwargs = _run_kwargs(train_tasks, byte_base_checkpoint, root / name)
-    (root / f"{name}.json").write_text(json.dumps(kwargs))
-    procs[name] = (subprocess.Popen([sys.executable, str(DRIVER), str(root / f"{name}.json"), fault],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), kwargs)
+def faulted_runs():
   out = {}
-  for name, (proc, kwargs) in procs.items():
+  for name, (proc, kwargs) in _PROCESSES.items():
     _, err = proc.communicate(timeout=600)
     out[name] = (proc.returncode, err, kwargs)
   return out
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(train_tasks, byte_base_checkpoint, tmp_path_factory):
+def uninterrupted(train_tasks, tmp_path_factory):
   model_dir = tmp_path_factory.mktemp("uninterrupted")
-  _train(_run_kwargs(train_tasks, byte_base_checkpoint, model_dir))
+  _train(_run_kwargs(train_tasks, _BASE, model_dir))
   return library.load_expert(model_dir / "expert"), _losses(model_dir)
 
 
@@ -145,6 +162,12 @@ def finished_run(train_tasks, byte_base_checkpoint, tmp_path_factory):
   kwargs = {**_run_kwargs(train_tasks, byte_base_checkpoint, model_dir), "train_steps": 2, "eval_period": 0}
   _train(kwargs)
   return kwargs
+
+
+def test_a_finished_run_is_not_trained_again(finished_run):
+  before = _snapshot(finished_run["model_dir"])
+  summary = _train(finished_run)
+  assert summary["steps"] == 2 and _snapshot(finished_run["model_dir"]) == before
 
 
 def test_bad_inputs_are_refused_and_change_nothing(train_tasks, byte_base_checkpoint, finished_run, tmp_path, capsys):

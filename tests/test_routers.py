@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phatgoose_jax import adapters, evaluation, layers, library, resources, routers
+from phatgoose_jax import adapters, library, resources, routers
 from phatgoose_jax.adapters import AdapterConfig
 from phatgoose_jax.model import EncoderDecoderModel
 from phatgoose_jax.network import Transformer
