@@ -90,7 +90,7 @@ def main():
             "2x4": dict(num_partitions=4, expert_axis="model"),
             "data2_expert4": dict(num_partitions=1, num_expert_partitions=4),
             "data2_expert2_model2": dict(num_partitions=2, num_expert_partitions=2)}
-  runs = [(name, "dense") for name in meshes] + [(name, kernel) for kernel in ("gather", "grouped")
+  runs = [(name, "dense") for name in meshes] + [(name, kernel) for kernel in ("gather", "grouped", "blocked")
                                                 for name in ("4x2", "data2_expert4")]
   partitioners = {name: partitioning.Partitioner(**kwargs) for name, kwargs in meshes.items()}
   out["meshes"] = {}
