@@ -65,3 +65,23 @@ def test_an_output_dir_of_another_run_is_refused(tiny_run, tmp_path):
   (tmp_path / "notes.txt").write_text("mine")
   with pytest.raises(FileExistsError, match="not a pipeline output directory"):
     pipeline.Pipeline(dataclasses.replace(cfg, output_dir=str(tmp_path)))
+
+
+def test_eval_and_analyze_routing_commands_on_the_runs_library(tiny_run, tmp_path, capsys):
+  from phatgoose_jax import cli
+  out, cfg, summary = tiny_run
+  base, lib = str(out / "base" / "checkpoint"), str(out / "seed_0" / "library")
+  task = cfg.held_out_tasks[0]
+  common = ["--checkpoint", base, "--library", lib, "--split", cfg.eval_split, "--max_examples", "4",
+            "--feature_lengths", "inputs=80,targets=12"]
+  assert cli.main(["eval", "--method", "phatgoose", "--tasks", task, "--output", str(tmp_path / "eval.json"),
+                   *common]) == 0
+  result = json.loads((tmp_path / "eval.json").read_text())["results"][task]
+  # The same number as the pipeline's PHATGOOSE row for this task and seed (same examples, same model).
+  assert result["accuracy"] == pytest.approx(summary["methods"]["phatgoose"]["per_task"][task]["mean"])
+  assert cli.main(["analyze-routing", "--task", task, "--output_dir", str(tmp_path / "routing"),
+                   "--oracle_expert", "pg_offline_reverse", *[a for a in common if a != "--split" and a != cfg.eval_split],
+                   "--split", cfg.eval_split]) == 0
+  assert {p.name for p in (tmp_path / "routing").iterdir()} == {
+      "usage.csv", "sites.csv", "summary.json", "routing_usage.png", "routing_tokens.png", "routing.html"}
+  assert "oracle expert in top-2" in capsys.readouterr().out
