@@ -32,17 +32,16 @@ def test_tiny_run_rows_tables_and_agreement(tmp_path):
   preset = benchmark.Preset(
       shapes=("tiny",), score_rows=benchmark._grid(("tiny",), (4,), (2,), benchmark.KERNELS, ((2, 16),)),  # pylint: disable=protected-access
       decode_rows=(("tiny", 8, 2, "gather", 2),), memory_rows=(("tiny", 64, 2, "auto", (2, 16)),),
-      training_shape="tiny", repeats=2)
+      training_shape=None, repeats=2)  # the training rows compile three steps: benchmarks only
   results = benchmark.run(preset, check=True, progress=lambda msg: None)
   assert [r["kernel"] for r in results["score"]] == list(routing.KERNELS) + ["auto"]
   for row in results["score"]:
     assert row["max_abs_diff_vs_dense"] <= 1e-5, row["kernel"]  # every kernel computes the same scores
     assert row["ratio"] > 0 and row["floor"] > 1 and row["compile_seconds"] > 0 and row["routed_memory_bytes"] > 0
   assert results["decode"][0]["routed_ms_per_step"] != 0 and results["memory"][0]["routed_memory_bytes"] > 0
-  assert {r["step"] for r in results["training"]} == {"expert", "gate", "plain_lora"}
   assert len(results["auto_vs_best"]) == 1
   tables = benchmark.format_tables(results)
-  for heading in ("## Scoring", "## Incremental decoding", "## Memory", "## Training steps", "## Automatic choice"):
+  for heading in ("## Scoring", "## Incremental decoding", "## Memory", "## Automatic choice"):
     assert heading in tables
   assert tables.count("| tiny | 4 | 2 |") == 1 + len(routing.KERNELS) + 1  # score rows + the auto-vs-best row
   json.dumps(results)  # the JSON file is this object

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from phatgoose_jax import checkpoints, library, training
+from phatgoose_jax import adapters, checkpoints, library, training
 from phatgoose_jax.adapters import AdapterConfig
 from helpers import TRAIN_TASKS, write_byte_base_checkpoint
 
@@ -247,3 +247,18 @@ def test_concurrent_library_adds_leave_a_valid_library(byte_base_checkpoint, tmp
   assert "experts of one library must share it" in "".join(err for _, err in results)
   experts = library.ExpertLibrary(lib_dir).validate()
   assert len(experts) == 1  # incompatible: exactly one got in
+
+
+def test_nonfinite_steps_can_be_skipped(train_tasks, tmp_path, capsys):
+  """on_nonfinite='skip': a base with a NaN weight makes every loss NaN; each update is skipped, the run
+  ends, and the LoRA factors are still their initial values (B = 0)."""
+  config, params = checkpoints.load_checkpoint(_BASE)
+  flat = {k: np.asarray(v) for k, v in adapters.flatten(params).items()}
+  flat["decoder/decoder_norm/scale"] = np.full_like(flat["decoder/decoder_norm/scale"], np.nan)
+  nan_base = checkpoints.save_checkpoint(tmp_path / "nan_base", adapters.unflatten(flat), config)
+  kwargs = {**_run_kwargs(train_tasks, nan_base, tmp_path / "skip"), "train_steps": 3, "eval_period": 0,
+            "on_nonfinite": "skip"}
+  _train(kwargs)
+  assert capsys.readouterr().err.count("not finite: update skipped") == 3
+  expert = library.load_expert(tmp_path / "skip" / "expert")
+  assert all(not np.any(expert.tensors[f"{s}/lora_b"]) for s in expert.sites)
