@@ -270,7 +270,7 @@ class ExpertLibrary:
     if not self.root.is_dir():
       if not create:
         raise LibraryError(f"expert library {self.root} does not exist")
-      self.root.mkdir(parents=True)
+      self.root.mkdir(parents=True, exist_ok=True)  # another process may be creating it too
 
   def names(self) -> list[str]:
     return sorted(p.name for p in self.root.iterdir()
