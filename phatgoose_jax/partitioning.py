@@ -190,7 +190,7 @@ def _lower_in(partitioner: Partitioner, jitted, *args, **kwargs):
 
 def params_axes_of(module) -> PyTree:
   """The `params_axes` collection of a Transformer, computed without memory."""
-  return jax.eval_shape(lambda: _init_all(module))["params_axes"]
+  return abstract_variables(module)["params_axes"]
 
 
 class ShardedModel:
@@ -225,7 +225,7 @@ class ShardedModel:
   @property
   def param_shardings(self) -> PyTree:
     if self._param_shardings is None:
-      shapes = jax.eval_shape(lambda: _init_all(self.model.module))
+      shapes = abstract_variables(self.model.module)
       self._param_shardings = self.partitioner.param_shardings(shapes["params_axes"], shapes["params"])
     return self._param_shardings
 
@@ -254,7 +254,8 @@ class ShardedModel:
         params, batch, return_intermediates=True), batch)
 
 
-def _init_all(module):
+def abstract_variables(module) -> PyTree:
+  """Shapes and dtypes of a Transformer's `params` and `params_axes`, computed without memory."""
   import jax.numpy as jnp
   tokens = jnp.ones((1, 1), jnp.int32)
-  return module.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False)
+  return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False))

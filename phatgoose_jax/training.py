@@ -109,9 +109,8 @@ class Trainer:
 
   def _param_sharding(self, key: str):
     if self._flat_shardings is None:
-      tokens = jnp.ones((1, 1), jnp.int32)
-      shapes = jax.eval_shape(lambda: self.model.module.init(jax.random.PRNGKey(0), tokens, tokens, tokens,
-                                                             enable_dropout=False))
+      from phatgoose_jax import partitioning
+      shapes = partitioning.abstract_variables(self.model.module)
       shardings = self.partitioner.param_shardings(shapes["params_axes"], shapes["params"])
       self._flat_shardings = adapters.flatten(shardings)
     return self._flat_shardings[key]
