@@ -10,6 +10,8 @@ and differs only in how the work is laid out (see `combine`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -18,7 +20,7 @@ Array = jax.Array
 
 STANDARDIZE_EPS = 1e-5   # torch.nn.LayerNorm's default, used by the original code for inputs and gates
 RENORMALIZE_EPS = 1e-6   # added to the sum of the kept top-k probabilities
-KERNELS = ("dense", "gather", "grouped", "blocked")
+KERNELS = ("dense", "gather", "grouped", "blocked", "looped")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,21 +131,27 @@ def blocked_layout_block_size(num_pairs: int, num_experts: int) -> int:
   return int(min(128, max(8, 1 << (mean_rows.bit_length() - 1))))
 
 
-def combine_blocked(u: Array, a: Array, b: Array, weights: Array, indices: Array, block: int | None = None) -> Array:
-  """Megablocks-style: the T*k (token, expert) pairs are sorted by expert and each expert's group padded
-  to whole blocks of `block` rows, so every block belongs to one expert; then two batched matmuls over
-  blocks, each block against its own expert's A and B.
+class BlockLayout(NamedTuple):
+  """The T*k (token, expert) pairs sorted by expert, each expert's group padded to whole blocks.
 
-  FLOPs (T*k + E*block)*r*(d_in + d_out) at most (the static bound on padded rows); moves u's rows once
-  to the blocked layout and gathers the k outputs back per token. Pure JAX, no scatter-add.
+  Row r of the layout holds pair (token_of_row[r], its expert) with weight_of_row[r]; padding rows hold
+  the out-of-range token `num_tokens` (read as zeros, written nowhere) with weight 0. Block n belongs to expert_of_block[n]; only the first
+  used_blocks blocks hold pairs (the rest of the static bound num_pairs // block + E is padding).
   """
-  num_tokens, k = indices.shape
-  num_experts, d_in, _ = a.shape
-  num_pairs = num_tokens * k
-  block = block or blocked_layout_block_size(num_pairs, num_experts)
-  num_blocks = num_pairs // block + num_experts  # sum_e ceil(count_e / block) <= this
-  num_rows = num_blocks * block
+  block: int
+  token_of_row: Array     # [rows] int32
+  weight_of_row: Array    # [rows] float32
+  expert_of_block: Array  # [blocks] int32
+  row_of_pair: Array      # [T*k] int32: where pair (t, j) = t*k + j sits in the layout
+  used_blocks: Array      # [] int32
 
+
+def block_layout(weights: Array, indices: Array, num_experts: int, block: int) -> BlockLayout:
+  """weights/indices [T, k] -> the blocked layout (sum_e ceil(count_e / block) <= T*k // block + E blocks)."""
+  num_tokens, k = indices.shape
+  num_pairs = num_tokens * k
+  num_blocks = num_pairs // block + num_experts
+  num_rows = num_blocks * block
   flat_experts = indices.reshape(-1)  # [P]
   counts = jnp.bincount(flat_experts, length=num_experts)  # [E]
   padded_counts = (counts + block - 1) // block * block  # [E]
@@ -152,36 +160,101 @@ def combine_blocked(u: Array, a: Array, b: Array, weights: Array, indices: Array
   order = jnp.argsort(flat_experts, stable=True)  # [P] pairs sorted by expert
   sorted_experts = flat_experts[order]
   row_of_sorted = (padded_ends - padded_counts)[sorted_experts] + jnp.arange(num_pairs) - group_starts[sorted_experts]
-  row_of_sorted = row_of_sorted.astype(jnp.int32)  # [P] each sorted pair's row in the blocked layout
-  # Padding rows read an all-zero token (index num_tokens) and have weight 0.
+  row_of_sorted = row_of_sorted.astype(jnp.int32)  # [P] each sorted pair's row in the layout
   token_of_row = jnp.full((num_rows,), num_tokens, jnp.int32).at[row_of_sorted].set(
       (order // k).astype(jnp.int32), unique_indices=True)  # [rows]
   weight_of_row = jnp.zeros((num_rows,), jnp.float32).at[row_of_sorted].set(
       weights.reshape(-1)[order], unique_indices=True)  # [rows]
   expert_of_block = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_blocks) * block, side="right"),
-                                num_experts - 1)  # [blocks]; blocks past the last group are all padding
-
-  u_padded = jnp.concatenate([u, jnp.zeros((1, d_in), u.dtype)])  # [T + 1, d_in]
-  x = u_padded[token_of_row].reshape(num_blocks, block, d_in)  # [blocks, block, d_in]
-  h = jnp.einsum("nmd,ndr->nmr", x, a[expert_of_block], preferred_element_type=jnp.float32)  # [blocks, block, r]
-  h = (h * weight_of_row.reshape(num_blocks, block, 1)).astype(b.dtype)
-  y = jnp.einsum("nmr,nrf->nmf", h, b[expert_of_block], preferred_element_type=jnp.float32)  # [blocks, block, d_out]
+                                num_experts - 1).astype(jnp.int32)  # [blocks]; trailing blocks are all padding
   row_of_pair = jnp.zeros((num_pairs,), jnp.int32).at[order].set(row_of_sorted, unique_indices=True)  # [P]
-  return jnp.sum(y.reshape(num_rows, -1)[row_of_pair].reshape(num_tokens, k, -1), axis=1)  # [T, d_out]
+  used_blocks = (padded_ends[-1] // block).astype(jnp.int32)
+  return BlockLayout(block, token_of_row, weight_of_row, expert_of_block, row_of_pair, used_blocks)
 
 
-_COMBINE = {"dense": combine_dense, "gather": combine_gather, "grouped": combine_grouped, "blocked": combine_blocked}
+def combine_blocked(u: Array, a: Array, b: Array, weights: Array, indices: Array, block: int | None = None) -> Array:
+  """Megablocks-style: pairs in the blocked layout (`block_layout`), then two batched matmuls over blocks,
+  each block against its own expert's A and B.
+
+  FLOPs (T*k + E*block)*r*(d_in + d_out) at most (the static bound on padded rows); moves u's rows once
+  to the blocked layout and gathers the k outputs back per token. Pure JAX, no scatter-add.
+  """
+  num_tokens, k = indices.shape
+  num_experts, d_in, _ = a.shape
+  layout = block_layout(weights, indices, num_experts, block or blocked_layout_block_size(num_tokens * k, num_experts))
+  num_blocks, block = layout.expert_of_block.shape[0], layout.block
+  x = u.at[layout.token_of_row].get(mode="fill", fill_value=0).reshape(num_blocks, block, d_in)  # [blocks, block, d_in]
+  experts = layout.expert_of_block
+  h = jnp.einsum("nmd,ndr->nmr", x, a[experts], preferred_element_type=jnp.float32)  # [blocks, block, r]
+  h = (h * layout.weight_of_row.reshape(num_blocks, block, 1)).astype(b.dtype)
+  y = jnp.einsum("nmr,nrf->nmf", h, b[experts], preferred_element_type=jnp.float32)  # [blocks, block, d_out]
+  return jnp.sum(y.reshape(num_blocks * block, -1)[layout.row_of_pair].reshape(num_tokens, k, -1), axis=1)  # [T, d_out]
 
 
-def choose_kernel(num_tokens: int, num_experts: int, k: int, rank: int, d_in: int, d_out: int) -> str:
-  """The automatic choice, from static shapes, calibrated on CPU measurements (docs/performance.md).
+def looped_block_size(num_pairs: int, num_experts: int) -> int:
+  """Rows per block of the looped kernel: the blocked kernel's choice within [16, 64] (measured on CPU:
+  below 16 rows the per-block matmuls are too small, above 64 padding outweighs fewer iterations)."""
+  return min(64, max(16, blocked_layout_block_size(num_pairs, num_experts)))
+
+
+def _looped_forward(u: Array, a: Array, b: Array, weights: Array, indices: Array) -> Array:
+  num_tokens, k = indices.shape
+  num_experts = a.shape[0]
+  layout = block_layout(weights, indices, num_experts, looped_block_size(num_tokens * k, num_experts))
+  block = layout.block
+
+  def one_block(n, y):  # y [T, d_out] float32
+    tokens = lax.dynamic_slice_in_dim(layout.token_of_row, n * block, block)  # [block]; padding rows hold T
+    row_weights = lax.dynamic_slice_in_dim(layout.weight_of_row, n * block, block)  # [block]
+    expert = layout.expert_of_block[n]
+    x = u.at[tokens].get(mode="fill", fill_value=0)  # [block, d_in]; padding rows read zeros
+    h = (jnp.dot(x, a[expert], preferred_element_type=jnp.float32) * row_weights[:, None]).astype(b.dtype)  # [block, r]
+    return y.at[tokens].add(jnp.dot(h, b[expert], preferred_element_type=jnp.float32), mode="drop")  # padding dropped
+
+  return lax.fori_loop(0, layout.used_blocks, one_block, jnp.zeros((num_tokens, b.shape[-1]), jnp.float32))  # [T, d_out]
+
+
+@jax.custom_vjp
+def combine_looped(u: Array, a: Array, b: Array, weights: Array, indices: Array) -> Array:
+  """The blocked layout walked one block at a time: each block's rows are gathered, multiplied through
+  its expert's A and B, and scatter-added into the output inside one loop, so no [rows, d] array is
+  ever written and only the used blocks run. Built for CPUs, where it beats the batched matmuls of
+  `blocked` (docs/performance.md); on accelerators a sequential loop of small matmuls is the wrong shape.
+
+  The loop's trip count is data-dependent (a while loop, which reverse-mode autodiff cannot walk), so
+  gradients come from `combine_blocked`, which computes the same function.
+  """
+  return _looped_forward(u, a, b, weights, indices)
+
+
+def _looped_fwd(u, a, b, weights, indices):
+  return _looped_forward(u, a, b, weights, indices), (u, a, b, weights, indices)
+
+
+def _looped_bwd(residuals, cotangent):
+  u, a, b, weights, indices = residuals
+  _, vjp = jax.vjp(lambda u, a, b, w: combine_blocked(u, a, b, w, indices), u, a, b, weights)
+  return (*vjp(cotangent), None)
+
+
+combine_looped.defvjp(_looped_fwd, _looped_bwd)
+
+
+_COMBINE = {"dense": combine_dense, "gather": combine_gather, "grouped": combine_grouped, "blocked": combine_blocked,
+            "looped": combine_looped}
+
+
+def choose_kernel(num_tokens: int, num_experts: int, k: int, rank: int, d_in: int, d_out: int,
+                  backend: str | None = None) -> str:
+  """The automatic choice, from static shapes and the backend (default: JAX's default backend), calibrated
+  on CPU measurements (docs/performance.md).
 
   gather reads the chosen experts' weights per token: best when there are fewer (token, expert) pairs
   than experts (incremental decoding over a large pool). dense does E/k times the necessary LoRA FLOPs
-  as two large matmuls and no data movement: best for few experts or few tokens. blocked does
-  near-exact FLOPs after a sort and a row gather: best for many tokens over many experts. grouped
-  (lax.ragged_dot) is never chosen: XLA:CPU expands it densely; it is kept for accelerators with a
-  native grouped matmul.
+  as two large matmuls and no data movement: best for few experts or few tokens. Otherwise near-exact
+  FLOPs after a sort: looped on CPU (one small matmul pair per block, nothing materialized), blocked
+  elsewhere (batched matmuls; not yet measured on an accelerator). grouped (lax.ragged_dot) is never
+  chosen: XLA:CPU expands it densely; it is kept for accelerators with a native grouped matmul.
   """
   del d_in, d_out
   if num_experts <= k:
@@ -190,7 +263,7 @@ def choose_kernel(num_tokens: int, num_experts: int, k: int, rank: int, d_in: in
     return "gather"
   if num_experts * rank <= 256 or num_tokens <= 128:
     return "dense"
-  return "blocked"
+  return "looped" if (backend or jax.default_backend()) == "cpu" else "blocked"
 
 
 def combine(u: Array, a: Array, b: Array, weights: Array, indices: Array, scale: float,
