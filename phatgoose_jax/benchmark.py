@@ -64,12 +64,11 @@ PRESETS = {
     # rest of the expert and k grid; E=1024 memory at the small shape; training steps at the small shape.
     "targets": Preset(
         shapes=("small", "base"),
-        score_rows=(_grid(("base",), (36,), (2,), ("dense", "blocked", "auto"), ((8, 256),))
-                    + _grid(("base",), (166,), (2,), ("blocked", "auto"), ((8, 256),))
-                    + _grid(("small",), (8, 36, 166), (2,), ("dense", "blocked", "auto"), ((8, 256),))
+        score_rows=(_grid(("base",), (36, 166), (2,), ("blocked", "looped", "auto"), ((8, 256),))
+                    + _grid(("small",), (8, 36, 166), (2,), ("dense", "blocked", "looped", "auto"), ((8, 256),))
                     + _grid(("small",), (36,), (1, 4), ("auto",), ((8, 256),))),
         decode_rows=_grid(("base",), (36,), (2,), ("auto",), (8, 64)),
-        memory_rows=_grid(("small",), (1024,), (2,), ("dense", "blocked", "auto"), ((8, 256),)),
+        memory_rows=_grid(("small",), (1024,), (2,), ("dense", "blocked", "looped", "auto"), ((8, 256),)),
         training_shape="small", repeats=3),
     # Everything the issue lists (hours on a CPU; minutes on an accelerator).
     "full": Preset(

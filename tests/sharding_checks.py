@@ -85,13 +85,13 @@ def main():
                    "routing": routing_of(inter)}
 
   # The dense kernel on every mesh; every other kernel on the expert-sharded mesh (and blocked, the
-  # default for many tokens, on a model-sharded one too). The teacher-forced logits are compared where
+  # accelerators' default for many tokens, on a model-sharded one too). The teacher-forced logits are compared where
   # the dense kernel runs (scores, routing and decodes everywhere).
   meshes = {"8x1": dict(num_partitions=1), "4x2": dict(num_partitions=2, expert_axis="model"),
             "2x4": dict(num_partitions=4, expert_axis="model"),
             "data2_expert4": dict(num_partitions=1, num_expert_partitions=4),
             "data2_expert2_model2": dict(num_partitions=2, num_expert_partitions=2)}
-  runs = ([(name, "dense") for name in meshes] + [("data2_expert4", kernel) for kernel in ("gather", "grouped")]
+  runs = ([(name, "dense") for name in meshes] + [("data2_expert4", kernel) for kernel in ("gather", "grouped", "looped")]
           + [(name, "blocked") for name in ("4x2", "data2_expert4")])
   partitioners = {name: partitioning.Partitioner(**kwargs) for name, kwargs in meshes.items()}
   out["meshes"] = {}
