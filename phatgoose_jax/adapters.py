@@ -42,8 +42,8 @@ class AdapterConfig:
   sites: regex (full match) over a site's module path, e.g. 'encoder/layers_0/attention/query';
     '.*' (default) is every linear layer of encoder and decoder, as in the paper.
   num_experts / top_k / router / kernel: routed mode only. kernel is the combine implementation
-    ('dense', 'gather', 'grouped', 'blocked' or 'auto': routing.choose_kernel per site and shape); all
-    compute the same function.
+    ('dense', 'gather', 'grouped', 'blocked', 'looped' or 'auto': routing.choose_kernel per site, shape
+    and backend); all compute the same function.
   router: 'phatgoose' (standardized input . router vector / sqrt(d_in); the vectors are standardized
     gates, or standardized mean activations for Average Activation) or 'arrow' (|input . vector| /
     arrow_temperature, the vectors unit singular directions).

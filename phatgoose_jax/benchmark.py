@@ -70,6 +70,11 @@ PRESETS = {
         decode_rows=_grid(("base",), (36,), (2,), ("auto",), (8, 64)),
         memory_rows=_grid(("small",), (1024,), (2,), ("dense", "blocked", "looped", "auto"), ((8, 256),)),
         training_shape="small", repeats=3),
+    # The T5-base target rows again, with more timed runs (ratios on a noisy 2-core VM move by ~10% at 3).
+    "base-targets": Preset(
+        shapes=("base",), score_rows=_grid(("base",), (36, 166), (2,), ("looped", "auto"), ((8, 256),)),
+        decode_rows=_grid(("base",), (36,), (2,), ("auto",), (8, 64)), memory_rows=(), training_shape=None,
+        repeats=9),
     # Everything the issue lists (hours on a CPU; minutes on an accelerator).
     "full": Preset(
         shapes=("small", "base"),
@@ -109,6 +114,17 @@ def forward_macs(config: T5Config, batch: int, enc_len: int, dec_len: int, exper
   router = sum(tokens[s] * experts * i for s, i, _ in site_shapes(config))
   lora = sum(tokens[s] * k * rank * (i + o) for s, i, o in site_shapes(config))
   return {"base": float(base), "router": float(router), "lora": float(lora)}
+
+
+def auto_kernels(config: T5Config, enc_tokens: int, dec_tokens: int, experts: int, k: int,
+                 rank: int = RANK) -> dict[str, int]:
+  """How many sites `auto` runs with each kernel (routing.choose_kernel on this backend), from the shapes."""
+  tokens = {"enc": enc_tokens, "dec": dec_tokens}
+  counts: dict[str, int] = {}
+  for stack, d_in, d_out in site_shapes(config):
+    kernel = routing.choose_kernel(tokens[stack], experts, k, rank, d_in, d_out)
+    counts[kernel] = counts.get(kernel, 0) + 1
+  return counts
 
 
 def arithmetic_floor(macs: dict[str, float]) -> float:
@@ -241,6 +257,9 @@ class Bench:
            "routed_tokens_per_second": tokens / times["routed"], "compile_seconds": routed_compile,
            "base_compile_seconds": base_compile, "routed_memory_bytes": memory_bytes(routed_fn),
            "base_memory_bytes": memory_bytes(base_fn)}
+    if kernel == "auto":
+      row["auto_kernels"] = auto_kernels(config, batch_shape[0] * batch_shape[1], batch_shape[0] * batch_shape[1],
+                                         experts, k)
     if self.check:
       scores = np.asarray(routed_fn(routed_params, batch))
       key = (shape, experts, k, tuple(batch_shape))
@@ -271,10 +290,14 @@ class Bench:
     times = alternate(fns, self.repeats)
     per_step = {n: (times[f"{n}/{long}"] - times[f"{n}/{short}"]) / (long - short) for n in ("base", "routed")}
     macs = forward_macs(config, batch_size, 1, 1, experts, k)
-    return {"shape": shape, "experts": experts, "top_k": k, "kernel": kernel, "batch": batch_size,
+    row = {"shape": shape, "experts": experts, "top_k": k, "kernel": kernel, "batch": batch_size,
             "base_ms_per_step": 1e3 * per_step["base"], "routed_ms_per_step": 1e3 * per_step["routed"],
             "ratio": per_step["routed"] / per_step["base"], "floor": arithmetic_floor(macs),
             "compile_seconds": compile_total}
+    if kernel == "auto":  # per step; the cross-attention keys and values (encoder tokens) run once, at step 0
+      row["auto_kernels"] = auto_kernels(config, batch_size * batch["encoder_input_tokens"].shape[1], batch_size,
+                                         experts, k)
+    return row
 
   def memory_row(self, shape: str, experts: int, k: int, kernel: str, batch_shape: tuple[int, int]) -> dict:
     """Compiled (never run) at abstract shapes: the E=1024 expert tensors need not exist."""
@@ -352,6 +375,14 @@ def _mib(n):
   return "-" if n is None else f"{n / 2**20:,.0f}"
 
 
+def _kernel_label(row: dict) -> str:
+  """'auto (looped)': the kernel name, with what auto ran at the sites (site counts when it mixed)."""
+  used = row.get("auto_kernels")
+  if not used:
+    return row["kernel"]
+  return f"auto ({', '.join(used if len(used) == 1 else (f'{n} {kn}' for kn, n in sorted(used.items())))})"
+
+
 def format_tables(results: dict) -> str:
   lines = []
   score = results["score"]
@@ -360,7 +391,7 @@ def format_tables(results: dict) -> str:
               "| shape | E | k | kernel | batch | base tok/s | routed tok/s | ratio | floor | ratio/floor | "
               "compile s | memory MiB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in score:
-      lines.append(f"| {r['shape']} | {r['experts']} | {r['top_k']} | {r['kernel']} | {r['batch'][0]}x{r['batch'][1]} | "
+      lines.append(f"| {r['shape']} | {r['experts']} | {r['top_k']} | {_kernel_label(r)} | {r['batch'][0]}x{r['batch'][1]} | "
                    f"{r['base_tokens_per_second']:,.0f} | {r['routed_tokens_per_second']:,.0f} | {r['ratio']:.2f} | "
                    f"{r['floor']:.3f} | {r['ratio'] / r['floor']:.2f} | {r['compile_seconds']:.1f} | "
                    f"{_mib(r['routed_memory_bytes'])} |")
@@ -369,7 +400,7 @@ def format_tables(results: dict) -> str:
     lines += ["## Incremental decoding, ms per step", "",
               "| shape | E | k | kernel | batch | base ms | routed ms | ratio | floor |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results["decode"]:
-      lines.append(f"| {r['shape']} | {r['experts']} | {r['top_k']} | {r['kernel']} | {r['batch']} | "
+      lines.append(f"| {r['shape']} | {r['experts']} | {r['top_k']} | {_kernel_label(r)} | {r['batch']} | "
                    f"{r['base_ms_per_step']:.2f} | {r['routed_ms_per_step']:.2f} | {r['ratio']:.2f} | {r['floor']:.3f} |")
     lines.append("")
   if results["memory"]:
@@ -385,26 +416,31 @@ def format_tables(results: dict) -> str:
       lines.append(f"| {r['shape']} | {r['step']} | {r['seconds']:.3f} | {r['ratio_to_plain_lora']:.2f} |")
     lines.append("")
   if results["auto_vs_best"]:
-    lines += ["## Automatic choice against the best kernel", "", "| shape | E | k | batch | auto | best | auto/best |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Automatic choice against the best kernel", "",
+              "| shape | E | k | batch | auto | auto runs | best | auto/best |", "|---|---|---|---|---|---|---|---|"]
     for r in results["auto_vs_best"]:
       lines.append(f"| {r['shape']} | {r['experts']} | {r['top_k']} | {r['batch']} | {r['auto_ratio']:.2f} | "
-                   f"{r['best_kernel']} {r['best_ratio']:.2f} | {r['auto_over_best']:.2f} |")
+                   f"{r['auto_runs']} | {r['best_kernel']} {r['best_ratio']:.2f} | {r['auto_over_best']:.2f} |")
     lines.append("")
   return "\n".join(lines)
 
 
 def auto_vs_best(score_rows: list[dict]) -> list[dict]:
-  groups: dict[tuple, dict[str, float]] = {}
+  """Per row group, auto's ratio against the best explicit kernel's; `auto_runs` names the kernel auto ran
+  at every site when it is one kernel (then the two rows time the same program: any gap is noise)."""
+  groups: dict[tuple, dict[str, dict]] = {}
   for r in score_rows:
-    groups.setdefault((r["shape"], r["experts"], r["top_k"], f"{r['batch'][0]}x{r['batch'][1]}"), {})[r["kernel"]] = r["ratio"]
+    groups.setdefault((r["shape"], r["experts"], r["top_k"], f"{r['batch'][0]}x{r['batch'][1]}"), {})[r["kernel"]] = r
   out = []
-  for (shape, e, k, batch), ratios in groups.items():
-    explicit = {kn: v for kn, v in ratios.items() if kn != "auto"}
-    if "auto" in ratios and explicit:
+  for (shape, e, k, batch), rows in groups.items():
+    explicit = {kn: r["ratio"] for kn, r in rows.items() if kn != "auto"}
+    if "auto" in rows and explicit:
       best = min(explicit, key=explicit.get)
-      out.append({"shape": shape, "experts": e, "top_k": k, "batch": batch, "auto_ratio": ratios["auto"],
-                  "best_kernel": best, "best_ratio": explicit[best], "auto_over_best": ratios["auto"] / explicit[best]})
+      used = rows["auto"].get("auto_kernels", {})
+      out.append({"shape": shape, "experts": e, "top_k": k, "batch": batch, "auto_ratio": rows["auto"]["ratio"],
+                  "auto_runs": next(iter(used)) if len(used) == 1 else "+".join(sorted(used)),
+                  "best_kernel": best, "best_ratio": explicit[best],
+                  "auto_over_best": rows["auto"]["ratio"] / explicit[best]})
   return out
 
 

@@ -167,7 +167,7 @@ def _eval_arguments(p):
   p.add_argument("--split", default="validation")
   p.add_argument("--tasks_module", default="phatgoose_tasks", help="module that registers the tasks")
   p.add_argument("--top_k", type=int, default=2)
-  p.add_argument("--kernel", default="auto", help="routing kernel (dense, gather, grouped, blocked, auto)")
+  p.add_argument("--kernel", default="auto", help="routing kernel (dense, gather, grouped, blocked, looped, auto)")
   p.add_argument("--feature_lengths", default="inputs=512,targets=64")
   p.add_argument("--batch_size", type=int, default=32)
   p.add_argument("--max_examples", type=int, default=None)

@@ -191,13 +191,18 @@ def combine_blocked(u: Array, a: Array, b: Array, weights: Array, indices: Array
   return jnp.sum(y.reshape(num_blocks * block, -1)[layout.row_of_pair].reshape(num_tokens, k, -1), axis=1)  # [T, d_out]
 
 
-LOOPED_BLOCK = 32  # rows per block, measured on CPU at T=2048: 32 beat 16 and 64 at E=36 and E=166
+def looped_block_size(num_pairs: int, num_experts: int) -> int:
+  """Rows per block of the looped kernel: the mean rows per expert rounded up to a power of two, within
+  [4, 32]. Measured per site on CPU (T from 8 to 2048, E 36 and 166): blocks near the mean group size
+  waste the least padding, and past 32 rows the per-block matmuls gain nothing."""
+  mean_rows = -(-num_pairs // num_experts)
+  return int(min(32, max(4, 1 << (mean_rows - 1).bit_length())))
 
 
 def _looped_forward(u: Array, a: Array, b: Array, weights: Array, indices: Array) -> Array:
   num_tokens = indices.shape[0]
   num_experts = a.shape[0]
-  layout = block_layout(weights, indices, num_experts, LOOPED_BLOCK)
+  layout = block_layout(weights, indices, num_experts, looped_block_size(indices.size, num_experts))
   block = layout.block
 
   def one_block(n, y):  # y [T, d_out] float32
@@ -243,26 +248,27 @@ _COMBINE = {"dense": combine_dense, "gather": combine_gather, "grouped": combine
 
 def choose_kernel(num_tokens: int, num_experts: int, k: int, rank: int, d_in: int, d_out: int,
                   backend: str | None = None) -> str:
-  """The automatic choice, from static shapes and the backend (default: JAX's default backend), calibrated
-  on CPU measurements (docs/performance.md).
+  """The automatic choice, from static shapes and the backend (default: JAX's default backend).
 
-  gather reads the chosen experts' weights per token: best when there are fewer (token, expert) pairs
-  than experts (incremental decoding over a large pool). dense does E/k times the necessary LoRA FLOPs
-  as two large matmuls and no data movement: best for few experts or few tokens. Otherwise near-exact
-  FLOPs after a sort: looped on CPU (one small matmul pair per block, nothing materialized), blocked
-  elsewhere (batched matmuls; not yet measured on an accelerator). grouped (lax.ragged_dot) is never
-  chosen: XLA:CPU expands it densely; it is kept for accelerators with a native grouped matmul.
+  CPU (measured, docs/performance.md): dense while E*r <= 256 (E/k times the LoRA FLOPs, but two large
+  matmuls and no data movement), looped otherwise: from 8 to 2,048 tokens it matched or beat gather and
+  dense per site, and beat blocked's batched matmuls at every size.
+  Accelerators (not yet measured: the rule the CPU sweep gave before looped existed): gather when there
+  are fewer (token, expert) pairs than experts (reads the chosen experts' weights per token), dense
+  while E*r <= 256 or T <= 128, blocked otherwise. A sequential loop of small matmuls is the wrong shape
+  for an accelerator. grouped (lax.ragged_dot) is never chosen: XLA:CPU expands it densely; it is kept
+  for accelerators with a native grouped matmul.
   """
   del d_in, d_out
   if num_experts <= k:
     return "dense"
+  if (backend or jax.default_backend()) == "cpu":
+    return "dense" if num_experts * rank <= 256 else "looped"
   if num_tokens * k <= num_experts:
     return "gather"
-  if num_experts * rank <= 256:
+  if num_experts * rank <= 256 or num_tokens <= 128:
     return "dense"
-  if (backend or jax.default_backend()) == "cpu":
-    return "dense" if num_tokens <= 64 else "looped"
-  return "dense" if num_tokens <= 128 else "blocked"
+  return "blocked"
 
 
 def combine(u: Array, a: Array, b: Array, weights: Array, indices: Array, scale: float,

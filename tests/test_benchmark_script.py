@@ -3,6 +3,7 @@ with the dense reference, and arithmetic floors counted by hand."""
 
 import json
 
+import jax
 import pytest
 
 from phatgoose_jax import benchmark, routing
@@ -28,6 +29,16 @@ def test_floor_by_hand():
   assert benchmark.arithmetic_floor(macs) == pytest.approx((base + router + lora) / base)
 
 
+def test_auto_kernels_counted_from_site_shapes():
+  base = benchmark.config_of("base")  # 12 encoder layers x 7 sites; 12 decoder layers x 11, 2 of them on encoder tokens
+  cpu = jax.default_backend() == "cpu"
+  assert benchmark.auto_kernels(base, 2048, 2048, 36, 2) == {"looped" if cpu else "blocked": 216}
+  # A decoding step (8 tokens: fewer pairs than experts): looped on CPU, gather on accelerators; the
+  # encoder-side sites see 8 x 64 tokens.
+  assert benchmark.auto_kernels(base, 8 * 64, 8, 36, 2) == ({"looped": 216} if cpu else {"blocked": 108, "gather": 108})
+  assert benchmark.auto_kernels(base, 2048, 2048, 8, 2) == {"dense": 216}  # E*r = 128: dense
+
+
 def test_tiny_run_rows_tables_and_agreement(tmp_path):
   preset = benchmark.Preset(
       shapes=("tiny",), score_rows=benchmark._grid(("tiny",), (4,), (2,), benchmark.KERNELS, ((2, 16),)),  # pylint: disable=protected-access
@@ -39,10 +50,12 @@ def test_tiny_run_rows_tables_and_agreement(tmp_path):
     assert row["max_abs_diff_vs_dense"] <= 1e-5, row["kernel"]  # every kernel computes the same scores
     assert row["ratio"] > 0 and row["floor"] > 1 and row["compile_seconds"] > 0 and row["routed_memory_bytes"] > 0
   assert results["decode"][0]["routed_ms_per_step"] != 0 and results["memory"][0]["routed_memory_bytes"] > 0
-  assert len(results["auto_vs_best"]) == 1
+  assert len(results["auto_vs_best"]) == 1 and results["auto_vs_best"][0]["auto_runs"] == "dense"
+  assert results["score"][-1]["auto_kernels"] == {"dense": 18}  # E*r = 64 at all 18 sites
   tables = benchmark.format_tables(results)
   for heading in ("## Scoring", "## Incremental decoding", "## Memory", "## Automatic choice"):
     assert heading in tables
+  assert "| tiny | 4 | 2 | auto (dense) | 2x16 |" in tables
   assert tables.count("| tiny | 4 | 2 |") == 1 + len(routing.KERNELS) + 1  # score rows + the auto-vs-best row
   json.dumps(results)  # the JSON file is this object
   # The command line refuses to overwrite an earlier result.
