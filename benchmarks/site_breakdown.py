@@ -25,6 +25,11 @@ from jax import lax  # noqa: E402
 from phatgoose_jax import routing  # noqa: E402
 
 
+def temp_mib(fn, *args) -> float:
+  """XLA's temporaries for the compiled function (what it allocates beyond arguments and outputs)."""
+  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
+
+
 def median_ms(fn, *args, repeats: int) -> float:
   compiled = jax.jit(fn)
   jax.block_until_ready(compiled(*args))
@@ -68,8 +73,9 @@ def main(argv=None) -> int:
   for name in routing.KERNELS:
     if name == "gather" and args.tokens * args.top_k > 4 * args.experts:
       continue  # per-token weight gathers: seconds at this many tokens, and never chosen here
-    rows.append((f"combine {name}", median_ms(lambda u, a, b, w, i, name=name: routing.combine(u, a, b, w, i, 1.0, kernel=name),
-                                             u, a, b, weights, indices, repeats=args.repeats)))
+    combine = lambda u, a, b, w, i, name=name: routing.combine(u, a, b, w, i, 1.0, kernel=name)
+    rows.append((f"combine {name} (temporaries {temp_mib(combine, u, a, b, weights, indices):.1f} MiB)",
+                 median_ms(combine, u, a, b, weights, indices, repeats=args.repeats)))
 
   def per_block(matmul):
     def run(x, a, b):

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -444,10 +445,22 @@ def auto_vs_best(score_rows: list[dict]) -> list[dict]:
   return out
 
 
+def source_commit() -> str | None:
+  """The git commit of this checkout (with '+changes' when the tree differs from it), None outside git."""
+  root = Path(__file__).resolve().parents[1]
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                           text=True, check=True)
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def machine() -> dict:
   return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
           "cpu_count": os.cpu_count(), "jax": jax.__version__, "backend": jax.default_backend(),
-          "devices": [str(d) for d in jax.devices()]}
+          "devices": [str(d) for d in jax.devices()], "commit": source_commit()}
 
 
 def run(preset: Preset, check: bool = True, progress: Callable[[str], None] = print, only: Iterable[str] = ()) -> dict:
