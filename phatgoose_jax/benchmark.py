@@ -292,9 +292,9 @@ class Bench:
     per_step = {n: (times[f"{n}/{long}"] - times[f"{n}/{short}"]) / (long - short) for n in ("base", "routed")}
     macs = forward_macs(config, batch_size, 1, 1, experts, k)
     row = {"shape": shape, "experts": experts, "top_k": k, "kernel": kernel, "batch": batch_size,
-            "base_ms_per_step": 1e3 * per_step["base"], "routed_ms_per_step": 1e3 * per_step["routed"],
-            "ratio": per_step["routed"] / per_step["base"], "floor": arithmetic_floor(macs),
-            "compile_seconds": compile_total}
+           "base_ms_per_step": 1e3 * per_step["base"], "routed_ms_per_step": 1e3 * per_step["routed"],
+           "ratio": per_step["routed"] / per_step["base"], "floor": arithmetic_floor(macs),
+           "compile_seconds": compile_total}
     if kernel == "auto":  # per step; the cross-attention keys and values (encoder tokens) run once, at step 0
       row["auto_kernels"] = auto_kernels(config, batch_size * batch["encoder_input_tokens"].shape[1], batch_size,
                                          experts, k)
