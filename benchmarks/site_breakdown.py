@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,23 +21,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from phatgoose_jax import routing  # noqa: E402
+from phatgoose_jax import benchmark, routing  # noqa: E402
 
 
-def temp_mib(fn, *args) -> float:
-  """XLA's temporaries for the compiled function (what it allocates beyond arguments and outputs)."""
-  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes / 2**20
-
-
-def median_ms(fn, *args, repeats: int) -> float:
-  compiled = jax.jit(fn)
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+def measure(fn, *args, repeats: int) -> tuple[float, float]:
+  """(median ms over `repeats` timed runs, XLA's temporaries in MiB) of fn compiled once."""
+  compiled, _ = benchmark.compile_seconds(fn, *args)
+  seconds = benchmark.alternate({"fn": lambda: compiled(*args)}, repeats)["fn"]
+  return 1e3 * seconds, compiled.memory_analysis().temp_size_in_bytes / 2**20
 
 
 def main(argv=None) -> int:
@@ -63,19 +53,18 @@ def main(argv=None) -> int:
   layout = jax.jit(lambda w, i: routing.block_layout(w, i, args.experts, block))(weights, indices)
   used = int(layout.used_blocks)
 
-  rows = [("base matmul u @ W", median_ms(lambda u, w: u @ w, u, kernel, repeats=args.repeats))]
+  ms = lambda fn, *fn_args: measure(fn, *fn_args, repeats=args.repeats)[0]
+  rows = [("base matmul u @ W", ms(lambda u, w: u @ w, u, kernel))]
   rows.append(("router (scores, softmax, top-k)",
-               median_ms(lambda u, g: routing.top_k_weights(routing.phatgoose_scores(u, g), args.top_k), u, gates,
-                         repeats=args.repeats)))
+               ms(lambda u, g: routing.top_k_weights(routing.phatgoose_scores(u, g), args.top_k), u, gates)))
   rows.append((f"block layout (sort, block {block})",
-               median_ms(lambda w, i: routing.block_layout(w, i, args.experts, block), weights, indices,
-                         repeats=args.repeats)))
+               ms(lambda w, i: routing.block_layout(w, i, args.experts, block), weights, indices)))
   for name in routing.KERNELS:
     if name == "gather" and args.tokens * args.top_k > 4 * args.experts:
       continue  # per-token weight gathers: seconds at this many tokens, and never chosen here
     combine = lambda u, a, b, w, i, name=name: routing.combine(u, a, b, w, i, 1.0, kernel=name)
-    rows.append((f"combine {name} (temporaries {temp_mib(combine, u, a, b, weights, indices):.1f} MiB)",
-                 median_ms(combine, u, a, b, weights, indices, repeats=args.repeats)))
+    time_ms, temp = measure(combine, u, a, b, weights, indices, repeats=args.repeats)
+    rows.append((f"combine {name} (temporaries {temp:.1f} MiB)", time_ms))
 
   def per_block(matmul):
     def run(x, a, b):
@@ -86,10 +75,10 @@ def main(argv=None) -> int:
     return run
 
   rows.append((f"looped: {used} down matmuls [{block},{args.d_in}]x[{args.d_in},{args.rank}]",
-               median_ms(per_block(lambda x, a, b: x @ a), u, a, b, repeats=args.repeats)))
+               ms(per_block(lambda x, a, b: x @ a), u, a, b)))
   h = u[:, :args.rank]
   rows.append((f"looped: {used} up matmuls [{block},{args.rank}]x[{args.rank},{args.d_out}]",
-               median_ms(per_block(lambda x, a, b: x @ b), h, a, b, repeats=args.repeats)))
+               ms(per_block(lambda x, a, b: x @ b), h, a, b)))
   base = rows[0][1]
   print(f"site T={args.tokens} d_in={args.d_in} d_out={args.d_out} E={args.experts} k={args.top_k} r={args.rank} "
         f"({jax.default_backend()}, {jax.device_count()} device(s))\n")

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phatgoose_jax import adapters, routing, training
+from phatgoose_jax import adapters, partitioning, routing, training
 from phatgoose_jax.adapters import AdapterConfig
 from phatgoose_jax.config import T5Config, model_size_config
 from phatgoose_jax.model import EncoderDecoderModel
@@ -145,11 +145,9 @@ def config_of(shape: str) -> T5Config:
 def random_params(model: EncoderDecoderModel, seed: int = 0) -> dict:
   """Random weights at the model's shapes (no init compile): base kernels ~N(0, 1/d_in), LoRA factors
   small, routers standardized random vectors."""
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda t: model.module.init(jax.random.PRNGKey(0), t, t, t, enable_dropout=False), tokens)
   rng = np.random.default_rng(seed)
   flat = {}
-  for path, leaf in adapters.flatten(shapes["params"]).items():
+  for path, leaf in adapters.flatten(abstract_params(model)).items():
     shape = leaf.shape
     if path.endswith("router"):
       flat[path] = np.asarray(routing.standardize(rng.standard_normal(shape, np.float32)))
@@ -164,9 +162,7 @@ def random_params(model: EncoderDecoderModel, seed: int = 0) -> dict:
 
 
 def abstract_params(model: EncoderDecoderModel):
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  return jax.eval_shape(lambda t: model.module.init(jax.random.PRNGKey(0), t, t, t, enable_dropout=False),
-                        tokens)["params"]
+  return partitioning.abstract_variables(model.module)["params"]
 
 
 def batch_of(config: T5Config, batch: int, length: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -80,8 +80,7 @@ def test_eval_and_analyze_routing_commands_on_the_runs_library(tiny_run, tmp_pat
   # The same number as the pipeline's PHATGOOSE row for this task and seed (same examples, same model).
   assert result["accuracy"] == pytest.approx(summary["methods"]["phatgoose"]["per_task"][task]["mean"])
   assert cli.main(["analyze-routing", "--task", task, "--output_dir", str(tmp_path / "routing"),
-                   "--oracle_expert", "pg_offline_reverse", *[a for a in common if a != "--split" and a != cfg.eval_split],
-                   "--split", cfg.eval_split]) == 0
+                   "--oracle_expert", "pg_offline_reverse", *common]) == 0
   assert {p.name for p in (tmp_path / "routing").iterdir()} == {
       "usage.csv", "sites.csv", "summary.json", "routing_usage.png", "routing_tokens.png", "routing.html"}
   assert "oracle expert in top-2" in capsys.readouterr().out

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Mapping
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from phatgoose_jax.config import T5Config
@@ -18,11 +16,10 @@ class CheckpointMismatchError(ValueError):
 
 def expected_param_shapes(config: T5Config) -> dict[str, tuple[int, ...]]:
   """{'encoder/layers_0/attention/query/kernel': shape, ...} for a config, computed without memory."""
-  from phatgoose_jax.network import Transformer  # local: network imports heavy flax machinery
+  from phatgoose_jax import partitioning  # local: both import heavy flax machinery
+  from phatgoose_jax.network import Transformer
 
-  module = Transformer(config)
-  tokens = jnp.ones((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens, enable_dropout=False))
+  shapes = partitioning.abstract_variables(Transformer(config))
   flat = flax.traverse_util.flatten_dict(shapes["params"], sep="/")
   return {k: tuple(v.shape) for k, v in flat.items()}
 
